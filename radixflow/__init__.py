@@ -1,0 +1,1 @@
+"""radixflow: a serving engine for agent programs."""

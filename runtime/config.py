@@ -1,0 +1,89 @@
+"""One frozen, validated configuration for the engine and the server."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+SCHEDULE_POLICIES = ("lpm", "dfs-weight", "fcfs")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the scheduler and model runner need. `model=None` means the default model.
+
+    KV pool size: `max_total_tokens` if set, else `mem_fraction` of free device memory (of
+    RAM on CPU), capped by `max_running_requests * context_length`.
+    """
+
+    model: str | None = None
+    tokenizer: str | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on CUDA
+    max_total_tokens: int | None = None
+    mem_fraction: float = 0.1
+    max_running_requests: int = 64
+    context_length: int | None = None  # default: the model's max_position_embeddings, capped
+    max_prefill_tokens: int = 4096
+    chunked_prefill_size: int = 1024  # <= 0 disables chunking
+    schedule_policy: str = "lpm"
+    disable_radix_cache: bool = False
+    attention_backend: str = "auto"
+    disable_cuda_graph: bool = False
+    grammar_compile_timeout: float = 30.0
+    disable_jump_forward: bool = False
+    num_threads: int | None = None  # torch CPU threads; None = leave as is
+    random_seed: int = 0
+    stream_interval: int = 1
+
+    def __post_init__(self) -> None:
+        if self.schedule_policy not in SCHEDULE_POLICIES:
+            raise ValueError(f"schedule_policy must be one of {SCHEDULE_POLICIES}, got {self.schedule_policy!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if not 0 < self.mem_fraction <= 1:
+            raise ValueError(f"mem_fraction must be in (0, 1], got {self.mem_fraction}")
+        if self.max_total_tokens is not None and self.max_total_tokens < 16:
+            raise ValueError(f"max_total_tokens must be >= 16, got {self.max_total_tokens}")
+        if self.max_running_requests < 1:
+            raise ValueError("max_running_requests must be >= 1")
+        if self.max_prefill_tokens < 16:
+            raise ValueError("max_prefill_tokens must be >= 16")
+        if self.stream_interval < 1:
+            raise ValueError("stream_interval must be >= 1")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown engine option(s): {', '.join(unknown)}")
+        return cls(**kwargs)
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_dtype(self) -> torch.dtype:
+        dt = DTYPES[self.dtype]
+        if dt is None:
+            return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
+        return dt
+
+    def resolved_attention_backend(self) -> str:
+        if self.attention_backend == "auto":
+            return "triton" if self.resolved_device().type == "cuda" else "torch"
+        return self.attention_backend
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        return dataclasses.replace(self, **changes)

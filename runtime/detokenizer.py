@@ -1,0 +1,109 @@
+"""Token ids -> text for each request: incremental decoding, stop-string trimming, wire format.
+
+Used in-process by the offline Engine and inside the server's detokenizer process."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from radixflow.runtime.io_struct import ReqOutput
+from radixflow.runtime.tokenizer import IncrementalDecoder, Tokenizer
+
+
+class _State:
+    def __init__(self, decoder: IncrementalDecoder, stop: list[str], no_stop_trim: bool,
+                 return_text_in_logprobs: bool, created: float) -> None:
+        self.decoder = decoder
+        self.stop = stop
+        self.no_stop_trim = no_stop_trim
+        self.text_in_lp = return_text_in_logprobs
+        self.created = created
+        self.text = ""
+        self.output_ids: list[int] = []
+        self.input_token_logprobs: list = []
+        self.input_top_logprobs: list = []
+        self.output_token_logprobs: list = []
+        self.output_top_logprobs: list = []
+        self.has_logprobs = False
+
+
+class Detokenizer:
+    """Holds per-request decoding state between `register` and the request's final output."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.states: dict[str, _State] = {}
+
+    def register(self, rid: str, *, stop: list[str] | None = None, no_stop_trim: bool = False,
+                 skip_special_tokens: bool = True, spaces_between_special_tokens: bool = True,
+                 return_text_in_logprobs: bool = False, created: float | None = None) -> None:
+        dec = IncrementalDecoder(self.tokenizer, skip_special_tokens=skip_special_tokens,
+                                 spaces_between_special_tokens=spaces_between_special_tokens)
+        self.states[rid] = _State(dec, list(stop or []), no_stop_trim, return_text_in_logprobs,
+                                  created if created is not None else time.perf_counter())
+
+    def discard(self, rid: str) -> None:
+        self.states.pop(rid, None)
+
+    def process(self, out: ReqOutput) -> dict[str, Any] | None:
+        """Fold one scheduler output into the request's state; return the cumulative result dict
+        (native /generate format). Returns None for an unknown (discarded) request."""
+        st = self.states.get(out.rid)
+        if st is None:
+            return None
+        st.output_ids.extend(out.new_token_ids)
+        st.text += st.decoder.step(out.new_token_ids)
+        if out.finished:
+            st.text += st.decoder.flush() if hasattr(st.decoder, "flush") else ""
+        text = st.text
+        if out.finished and out.matched_stop_str is not None and not st.no_stop_trim:
+            cut = text.find(out.matched_stop_str)
+            if cut >= 0:
+                text = text[:cut]
+        elif not out.finished and st.stop:
+            text = text[:len(text) - _partial_stop_suffix(text, st.stop)]
+        self._fold_logprobs(st, out)
+        meta: dict[str, Any] = {
+            "id": out.rid,
+            "prompt_tokens": out.prompt_tokens,
+            "completion_tokens": out.completion_tokens,
+            "cached_tokens": out.cached_tokens,
+            "finish_reason": out.finish_reason,
+            "e2e_latency": time.perf_counter() - st.created,
+        }
+        if st.has_logprobs:
+            meta.update(input_token_logprobs=st.input_token_logprobs,
+                        input_top_logprobs=st.input_top_logprobs,
+                        output_token_logprobs=st.output_token_logprobs,
+                        output_top_logprobs=st.output_top_logprobs)
+        if out.finished:
+            self.states.pop(out.rid, None)
+        return {"text": text, "output_ids": list(st.output_ids), "meta_info": meta}
+
+    def _entry(self, st: _State, lp: float | None, tid: int) -> list:
+        return [lp, tid, self.tokenizer.decode([tid], skip_special_tokens=False) if st.text_in_lp else None]
+
+    def _fold_logprobs(self, st: _State, out: ReqOutput) -> None:
+        if out.input_token_logprobs is not None:
+            st.has_logprobs = True
+            st.input_token_logprobs += [self._entry(st, lp, t) for lp, t in out.input_token_logprobs]
+            st.input_top_logprobs += [None if top is None else [self._entry(st, lp, t) for lp, t in top]
+                                      for top in (out.input_top_logprobs or [])]
+        if out.output_token_logprobs:
+            st.has_logprobs = True
+            st.output_token_logprobs += [self._entry(st, lp, t) for lp, t in out.output_token_logprobs]
+            st.output_top_logprobs += [[self._entry(st, lp, t) for lp, t in top]
+                                       for top in out.output_top_logprobs]
+
+
+def _partial_stop_suffix(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of text that is a proper prefix of some stop string
+    (held back while streaming so a stop string never shows up half-emitted)."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best

@@ -1,0 +1,297 @@
+"""The offline Engine: the scheduler on a background thread, driven by direct calls.
+
+`generate` may be called from many threads at once (the DSL's run_batch does): their
+requests are batched together by the scheduler, iteration by iteration."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future
+from typing import Any
+
+from radixflow.runtime.config import EngineConfig
+from radixflow.runtime.detokenizer import Detokenizer
+from radixflow.runtime.io_struct import ReqOutput, TokenizedGenerateReq
+from radixflow.runtime.sampling_params import SamplingParams
+from radixflow.runtime.scheduler import Scheduler
+from radixflow.runtime.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class GenerationError(RuntimeError):
+    """A request was refused or failed inside the engine; the message says why."""
+
+
+_DONE = object()
+
+
+class Engine:
+    """In-process engine. `Engine(model=None, **opts)`: opts are EngineConfig fields."""
+
+    def __init__(self, model: str | None = None, **opts: Any) -> None:
+        from radixflow.runtime.default_model import resolve_model_path
+
+        self.config = EngineConfig.from_kwargs(model=model, **opts)
+        self.model_path = resolve_model_path(model)
+        self.tokenizer = Tokenizer.from_pretrained(self.config.tokenizer or self.model_path)
+        self.scheduler = Scheduler(self.config, self.model_path, self.tokenizer)
+        self.detokenizer = Detokenizer(self.tokenizer)
+        self._inbox: queue.Queue = queue.Queue()
+        self._sinks: dict[str, Callable[[dict | object], None]] = {}
+        self._counter = itertools.count()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="radixflow-scheduler", daemon=True)
+        self._thread.start()
+
+    # ---- public API ---------------------------------------------------------------------
+
+    @property
+    def context_length(self) -> int:
+        return self.scheduler.context_length
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+    def generate(self, prompt: str | list[str] | None = None,
+                 sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None, *,
+                 input_ids: list[int] | list[list[int]] | None = None, return_logprob: bool = False,
+                 logprob_start_len: int = -1, top_logprobs_num: int = 0,
+                 return_text_in_logprobs: bool = False, stream: bool = False,
+                 rid: str | list[str] | None = None) -> dict | list[dict] | Iterator[dict]:
+        """Generate for one prompt (-> dict) or a list (-> list of dicts, n per prompt in order).
+
+        Result: {"text", "output_ids", "meta_info": {id, prompt_tokens, completion_tokens,
+        cached_tokens, e2e_latency, finish_reason, [logprobs]}}. With stream=True (one prompt,
+        n=1) returns an iterator of cumulative results. Raises ValueError for bad input and
+        GenerationError when the engine refuses or aborts a request."""
+        reqs, single = self._make_reqs(prompt, sampling_params, input_ids, return_logprob,
+                                       logprob_start_len, top_logprobs_num, return_text_in_logprobs,
+                                       stream, rid)
+        if stream:
+            if len(reqs) != 1:
+                raise ValueError("stream=True takes a single prompt with n=1")
+            return self._stream(reqs[0])
+        futures = [self._submit_collect(r) for r in reqs]
+        results = [f.result() for f in futures]
+        for res in results:
+            _raise_if_error(res)
+        return results[0] if single and len(results) == 1 else results
+
+    async def async_generate(self, prompt: str | list[str] | None = None,
+                             sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
+                             **kwargs: Any) -> dict | list[dict]:
+        """Awaitable form of generate (stream=False)."""
+        kwargs["stream"] = False
+        reqs, single = self._make_reqs(prompt, sampling_params, kwargs.pop("input_ids", None),
+                                       kwargs.pop("return_logprob", False), kwargs.pop("logprob_start_len", -1),
+                                       kwargs.pop("top_logprobs_num", 0),
+                                       kwargs.pop("return_text_in_logprobs", False), False,
+                                       kwargs.pop("rid", None))
+        if kwargs:
+            raise TypeError(f"unexpected argument(s): {sorted(kwargs)}")
+        futures = [asyncio.wrap_future(self._submit_collect(r)) for r in reqs]
+        results = list(await asyncio.gather(*futures))
+        for res in results:
+            _raise_if_error(res)
+        return results[0] if single and len(results) == 1 else results
+
+    async def async_stream(self, prompt: str | None = None, sampling_params: dict[str, Any] | None = None,
+                           **kwargs: Any) -> AsyncIterator[dict]:
+        """Async iterator of cumulative results for one prompt."""
+        reqs, _ = self._make_reqs(prompt, sampling_params, kwargs.pop("input_ids", None),
+                                  kwargs.pop("return_logprob", False), kwargs.pop("logprob_start_len", -1),
+                                  kwargs.pop("top_logprobs_num", 0), kwargs.pop("return_text_in_logprobs", False),
+                                  True, kwargs.pop("rid", None))
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        self._submit(reqs[0], lambda item: loop.call_soon_threadsafe(q.put_nowait, item))
+        try:
+            while True:
+                item = await q.get()
+                if item is _DONE:
+                    return
+                _raise_if_error(item)
+                yield item
+        finally:
+            self.abort(reqs[0][0].rid)
+
+    def abort(self, rid: str) -> None:
+        self._inbox.put(("abort", rid))
+
+    def flush_cache(self) -> tuple[bool, str]:
+        """Drop the prefix cache; refused (False, reason) while requests run."""
+        return self._call(self.scheduler.flush_cache)
+
+    def get_server_info(self) -> dict[str, Any]:
+        return self._call(self.scheduler.get_info)
+
+    def check_invariant(self) -> None:
+        """Assert the KV pool accounting (runs on the scheduler thread, between steps)."""
+        self._call(self.scheduler.check_invariant)
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._inbox.put(("stop",))
+        self._thread.join(timeout=30)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    # ---- request building -----------------------------------------------------------------
+
+    def _make_reqs(self, prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
+                   top_logprobs_num, return_text_in_logprobs, stream, rid):
+        if self._closed:
+            raise RuntimeError("the engine has been shut down")
+        if (prompt is None) == (input_ids is None):
+            raise ValueError("give exactly one of prompt (text) and input_ids")
+        if prompt is not None:
+            single = isinstance(prompt, str)
+            texts = [prompt] if single else list(prompt)
+            if not all(isinstance(t, str) for t in texts):
+                raise ValueError("prompt must be a string or a list of strings")
+            ids_list = [self.tokenizer.encode(t) for t in texts]
+        else:
+            single = bool(input_ids) and isinstance(input_ids[0], int) or input_ids == []
+            ids_list = [list(input_ids)] if single else [list(x) for x in input_ids]
+            texts = [None] * len(ids_list)
+        if not ids_list:
+            raise ValueError("no prompts given")
+        sp = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(ids_list)
+        if len(sp) != len(ids_list):
+            raise ValueError(f"{len(sp)} sampling_params for {len(ids_list)} prompts")
+        rids = rid if isinstance(rid, list) else [rid] * len(ids_list)
+        out = []
+        for text, ids, spd, r in zip(texts, ids_list, sp, rids):
+            params = SamplingParams.from_dict(spd)
+            params.validate(self.scheduler.runner.vocab_size)
+            self.scheduler.validate(ids, params.max_new_tokens)
+            base = r or uuid.uuid4().hex
+            for i in range(params.n):
+                p = params.replace(n=1, seed=None if params.seed is None else params.seed + i)
+                req = TokenizedGenerateReq(rid=base if params.n == 1 else f"{base}-{i}", input_text=text,
+                                           input_ids=ids, sampling_params=p, return_logprob=return_logprob,
+                                           logprob_start_len=logprob_start_len,
+                                           top_logprobs_num=top_logprobs_num, stream=stream)
+                out.append((req, return_text_in_logprobs))
+        return out, single
+
+    def _submit(self, item: tuple[TokenizedGenerateReq, bool], sink: Callable[[dict | object], None]) -> None:
+        req, text_in_lp = item
+        if self._closed:
+            raise RuntimeError("the engine has been shut down")
+        self._inbox.put(("add", req, text_in_lp, sink, time.perf_counter()))
+
+    def _submit_collect(self, item) -> Future:
+        fut: Future = Future()
+        last: list[dict] = []
+
+        def sink(x):
+            if x is _DONE:
+                fut.set_result(last[-1])
+            else:
+                last.append(x)
+        self._submit(item, sink)
+        return fut
+
+    def _stream(self, item) -> Iterator[dict]:
+        q: queue.Queue = queue.Queue()
+        self._submit(item, q.put)
+        try:
+            while True:
+                x = q.get()
+                if x is _DONE:
+                    return
+                _raise_if_error(x)
+                yield x
+        finally:
+            self.abort(item[0].rid)
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        fut: Future = Future()
+        self._inbox.put(("call", fn, fut))
+        return fut.result()
+
+    # ---- the scheduler thread -------------------------------------------------------------
+
+    def _loop(self) -> None:
+        sched = self.scheduler
+        while True:
+            block = not sched.has_work()
+            try:
+                while True:
+                    msg = self._inbox.get(block=block, timeout=None)
+                    block = False
+                    if msg[0] == "stop":
+                        for rid in list(self._sinks):
+                            sched.abort_request(rid, "engine shut down")
+                        outputs, sched.outbox = sched.outbox, []
+                        self._route(outputs)
+                        return
+                    self._handle(msg)
+            except queue.Empty:
+                pass
+            try:
+                if sched.has_work():
+                    outputs = sched.step()
+                else:
+                    outputs, sched.outbox = sched.outbox, []
+                self._route(outputs)
+            except Exception:  # a bug must not hang every caller: fail them all loudly
+                logger.exception("scheduler step failed")
+                for rid, sink in list(self._sinks.items()):
+                    sink({"text": "", "output_ids": [], "meta_info": {
+                        "id": rid, "finish_reason": {"type": "abort", "message": "internal error"}}})
+                    sink(_DONE)
+                self._sinks.clear()
+                raise
+
+    def _handle(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "add":
+            _, req, text_in_lp, sink, created = msg
+            sp = req.sampling_params
+            self._sinks[req.rid] = sink
+            self.detokenizer.register(req.rid, stop=sp.stop, no_stop_trim=sp.no_stop_trim,
+                                      skip_special_tokens=sp.skip_special_tokens,
+                                      spaces_between_special_tokens=sp.spaces_between_special_tokens,
+                                      return_text_in_logprobs=text_in_lp, created=created)
+            self.scheduler.add_request(req)
+        elif kind == "abort":
+            self.scheduler.abort_request(msg[1])
+        elif kind == "call":
+            _, fn, fut = msg
+            try:
+                fut.set_result(fn())
+            except Exception as e:
+                fut.set_exception(e)
+
+    def _route(self, outputs: list[ReqOutput]) -> None:
+        for out in outputs:
+            sink = self._sinks.get(out.rid)
+            res = self.detokenizer.process(out)
+            if sink is None or res is None:
+                continue
+            sink(res)
+            if out.finished:
+                sink(_DONE)
+                del self._sinks[out.rid]
+
+
+def _raise_if_error(res: dict) -> None:
+    fr = res.get("meta_info", {}).get("finish_reason") or {}
+    if fr.get("type") == "abort":
+        raise GenerationError(fr.get("message", "request aborted"))

@@ -1,0 +1,113 @@
+"""Loads a model, owns the KV memory, and runs one ForwardBatch to logits."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import time
+
+import torch
+from radixflow.runtime.attention.base import AttentionBackend
+from radixflow.runtime.config import EngineConfig
+from radixflow.runtime.forward_batch import ForwardBatch
+from radixflow.runtime.memory_pool import KVPool, ReqToTokenPool, TokenAllocator
+from radixflow.runtime.model_config import ModelConfig
+from radixflow.runtime.models.llama import LlamaForCausalLM
+from safetensors import safe_open
+
+logger = logging.getLogger(__name__)
+
+_MAX_DEFAULT_CONTEXT = 32768
+
+
+def _available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def iter_safetensors(path: str):
+    """Yield (name, tensor) for every tensor in the folder's *.safetensors files."""
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in model folder {path!r}")
+    for fn in files:
+        with safe_open(fn, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+class ModelRunner:
+    """Model + KV pools + attention backend. Not thread-safe; the scheduler owns it."""
+
+    def __init__(self, config: EngineConfig, model_path: str) -> None:
+        t0 = time.perf_counter()
+        self.config = config
+        self.model_path = model_path
+        self.device = config.resolved_device()
+        self.dtype = config.resolved_dtype()
+        if config.num_threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(config.num_threads)
+        self.model_config = mc = ModelConfig.from_folder(model_path)
+        ctx = config.context_length or min(mc.max_position_embeddings, _MAX_DEFAULT_CONTEXT)
+        self.num_slots = self._pool_size(mc, ctx)
+        self.context_length = min(ctx, self.num_slots)
+
+        with torch.device("meta"):
+            model = LlamaForCausalLM(mc, max_positions=1)
+        model = model.to_empty(device=self.device)
+        # The rope cache is a buffer: build it for real on the device.
+        from radixflow.runtime.models.llama import RotaryEmbedding
+        model.rope = RotaryEmbedding(mc, self.context_length).to(self.device)
+        model.load_weights(iter_safetensors(model_path))
+        self.model = model.to(self.dtype).eval()
+        self.model.rope.to(torch.float32)
+
+        self.req_to_token_pool = ReqToTokenPool(config.max_running_requests + 1, self.context_length,
+                                                self.device)
+        self.kv_pool = KVPool(self.num_slots, mc.num_layers, mc.num_kv_heads, mc.head_dim,
+                              self.dtype, self.device)
+        self.allocator = TokenAllocator(self.num_slots)
+        self.attn_backend = self._make_backend(config.resolved_attention_backend())
+        logger.info("model loaded in %.2fs: %s, %d KV slots, context %d, %s on %s",
+                    time.perf_counter() - t0, mc.architecture, self.num_slots, self.context_length,
+                    self.dtype, self.device)
+
+    def _pool_size(self, mc: ModelConfig, ctx: int) -> int:
+        per_token = KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
+        if self.config.max_total_tokens is not None:
+            return self.config.max_total_tokens
+        budget = int(_available_memory(self.device) * self.config.mem_fraction) // per_token
+        return max(64, min(budget, self.config.max_running_requests * ctx))
+
+    def _make_backend(self, name: str) -> AttentionBackend:
+        if name == "torch":
+            from radixflow.runtime.attention.torch_backend import TorchAttnBackend
+            return TorchAttnBackend(self.kv_pool, self.req_to_token_pool)
+        if name == "triton":
+            from radixflow.runtime.attention.triton_backend import TritonAttnBackend
+            return TritonAttnBackend(self.kv_pool, self.req_to_token_pool)
+        raise ValueError(f"unknown attention backend {name!r}")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    def forward(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the batch. Returns (fp32 logits of each request's last new token (B, V), the final
+        hidden states of every new token (T, hidden) if batch.return_all_logits else None).
+        Hidden states, not logits, so that input logprobs cost vocab-wide memory only for the
+        rows that ask for them."""
+        self.attn_backend.init_forward_metadata(batch)
+        hidden = self.model(batch, self.attn_backend)
+        last_rows = batch.extend_start_loc + batch.extend_lens - 1
+        logits = self.model.compute_logits(hidden[last_rows])
+        return logits, (hidden if batch.return_all_logits else None)
