@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from radixflow.radix import NoPrefixCache, PrefixCache, RadixCache
 from radixflow.runtime.memory_pool import ReqToTokenPool, TokenAllocator
 from radixflow.runtime.req import Req

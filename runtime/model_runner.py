@@ -8,13 +8,14 @@ import os
 import time
 
 import torch
+from safetensors import safe_open
+
 from radixflow.runtime.attention.base import AttentionBackend
 from radixflow.runtime.config import EngineConfig
 from radixflow.runtime.forward_batch import ForwardBatch
 from radixflow.runtime.memory_pool import KVPool, ReqToTokenPool, TokenAllocator
 from radixflow.runtime.model_config import ModelConfig
 from radixflow.runtime.models.llama import LlamaForCausalLM
-from safetensors import safe_open
 
 logger = logging.getLogger(__name__)
 

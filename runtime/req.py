@@ -6,6 +6,7 @@ import enum
 from typing import Any
 
 import torch
+
 from radixflow.runtime.sampling_params import SamplingParams
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 import torch
+
 from radixflow.runtime.config import EngineConfig
 from radixflow.runtime.forward_batch import ForwardBatch, ForwardMode
 from radixflow.runtime.io_struct import ReqOutput, TokenizedGenerateReq

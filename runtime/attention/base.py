@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import torch
+
 from radixflow.runtime.forward_batch import ForwardBatch, ForwardMode
 from radixflow.runtime.memory_pool import KVPool, ReqToTokenPool
 

@@ -7,10 +7,11 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from radixflow.runtime.attention.base import AttentionBackend
 from radixflow.runtime.forward_batch import ForwardBatch
 from radixflow.runtime.model_config import ModelConfig
-from torch import nn
 
 
 class RMSNorm(nn.Module):
