@@ -281,10 +281,8 @@ class Scheduler:
         keep = [j for j, r in zip(done, reqs) if r not in finish_now]
         if keep:
             sample_reqs = [batch[j][0] for j in keep]
+            self.running.extend(sample_reqs)  # _sample_and_append takes finished ones out again
             self._sample_and_append(last_logits[keep], sample_reqs)
-            for r in sample_reqs:
-                if not r.finished:
-                    self.running.append(r)
 
     def _run_decode(self) -> None:
         self._ensure_decode_room()
@@ -311,11 +309,8 @@ class Scheduler:
             if len(self.running) == 1 and self.chunked is None:
                 break
             victim = min(self.running, key=lambda r: (len(r.output_ids), -r.prompt_len))
-            self.running.remove(victim)
-            self.cache.release(victim)
-            victim.status = ReqStatus.WAITING
+            self.requeue(victim)
             victim.retractions += 1
-            self.waiting.insert(0, victim)
             self.stats["retractions"] += 1
             self.new_token_ratio = min(1.0, self.new_token_ratio + _RATIO_BUMP)
             logger.info("retracted %s to free KV (%d running left)", victim.rid, len(self.running))
@@ -328,6 +323,15 @@ class Scheduler:
             req.status = ReqStatus.WAITING
             self.waiting.insert(0, req)
             self.stats["retractions"] += 1
+
+    def requeue(self, req: Req) -> None:
+        """Take a running request back to the front of the waiting queue; its KV goes to the
+        prefix cache, so re-admission recomputes little (retraction, jump-forward)."""
+        if req in self.running:
+            self.running.remove(req)
+        self.cache.release(req)
+        req.status = ReqStatus.WAITING
+        self.waiting.insert(0, req)
 
     def _sample_and_append(self, logits: torch.Tensor, reqs: list[Req]) -> None:
         mask_fn = self.grammar.mask_fn(reqs) if self.grammar is not None else None

@@ -1,0 +1,126 @@
+"""Constrained decoding inside the scheduler: the grammar queue, batch bitmasks, jump-forward."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from radixflow.grammars import GrammarError
+from radixflow.grammars.jump_forward import jump_forward_tokens
+from radixflow.grammars.xgrammar_backend import XGrammarBackend, validate_grammar
+from radixflow.runtime.config import EngineConfig
+from radixflow.runtime.req import Req, ReqStatus
+from radixflow.runtime.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from radixflow.runtime.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class GrammarManager:
+    """Owns the grammar backend and the requests waiting for their grammar to compile.
+
+    A constrained request enters via `submit` (fast validation; compile starts in the
+    backend's thread pool), leaves via `poll` once its matcher exists (or with an abort
+    finish_reason when compilation failed or timed out)."""
+
+    def __init__(self, config: EngineConfig, model_path: str, vocab_size: int, stop_ids: list[int],
+                 tokenizer: Tokenizer) -> None:
+        tok_dir = config.tokenizer or model_path
+        self.backend = XGrammarBackend(os.path.join(tok_dir, "tokenizer.json"), vocab_size, stop_ids,
+                                       compile_timeout=config.grammar_compile_timeout)
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.waiting: list[tuple[Req, float]] = []
+        self.jump_forward_tokens = 0  # tokens appended without a decode step
+
+    def submit(self, req: Req) -> str | None:
+        """Start compiling req's grammar; returns an error message for an invalid spec."""
+        kind, spec = req.params.grammar_spec
+        try:
+            validate_grammar(kind, spec)
+        except GrammarError as e:
+            return str(e)
+        req.grammar_future = self.backend.compile_async(kind, spec)
+        self.waiting.append((req, time.monotonic() + self.backend.compile_timeout))
+        return None
+
+    def pending(self) -> int:
+        return len(self.waiting)
+
+    def poll(self) -> list[Req]:
+        """Requests whose grammar is ready (matcher attached) or failed (finish_reason set)."""
+        ready, still = [], []
+        for req, deadline in self.waiting:
+            try:
+                compiled = self.backend.poll(req.grammar_future, deadline)
+            except GrammarError as e:
+                req.finish_reason = {"type": "abort", "message": str(e)}
+                ready.append(req)
+                continue
+            if compiled is None:
+                still.append((req, deadline))
+            else:
+                req.grammar = self.backend.create_matcher(compiled)
+                ready.append(req)
+        self.waiting = still
+        return ready
+
+    def discard(self, req: Req) -> None:
+        self.waiting = [(r, d) for r, d in self.waiting if r is not req]
+
+    def mask_fn(self, reqs: list[Req]) -> Callable[[torch.Tensor], None] | None:
+        """A hook masking the constrained rows of a (B, V) logits tensor, or None if none are."""
+        rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
+        if not rows:
+            return None
+
+        def apply(logits: torch.Tensor) -> None:
+            mask = self.backend.allocate_bitmask(len(rows))
+            used = [j for j, i in enumerate(rows) if reqs[i].grammar.fill_bitmask(mask, j)]
+            if not used:
+                return
+            sub = logits[rows]
+            mask = mask.to(logits.device)
+            self.backend.apply_bitmask(sub, mask, torch.tensor(used, device=logits.device))
+            logits[rows] = sub
+        return apply
+
+    def accept(self, req: Req, token: int) -> None:
+        if not req.grammar.accept_token(token):
+            req.finish_reason = {"type": "abort", "message": f"grammar rejected token {token}"}
+
+    def jump_forward(self, reqs: list[Req], sched: Scheduler) -> None:
+        """For each running constrained request whose grammar forces text, append it at once.
+
+        The request's KV goes to the radix cache and it re-enters the waiting queue with the
+        retokenized output; re-admission hits the cache for all but the changed tail."""
+        for req in reqs:
+            if req.grammar is None or req.finished or req.status is not ReqStatus.RUNNING:
+                continue
+            if req.return_logprob:
+                continue  # forced tokens have no sampled distribution to report
+            forced = req.grammar.find_jump_forward_string()
+            if not forced:
+                continue
+            # Tokens already streamed to the client must stay: retokenize the boundary only
+            # for requests whose output is not streamed.
+            k, new_ids = jump_forward_tokens(
+                req.output_ids[req.sent_len:], forced,
+                lambda s: self.tokenizer.encode(s, add_special_tokens=False),
+                lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))
+            budget = req.params.max_new_tokens - (len(req.output_ids) - k)
+            if not new_ids or len(new_ids) > budget:
+                continue  # would overrun max_new_tokens: decode normally
+            if not req.grammar.accept_string(forced):
+                continue
+            sched.requeue(req)
+            del req.output_ids[len(req.output_ids) - k:]
+            req.output_ids.extend(new_ids)
+            self.jump_forward_tokens += len(new_ids)

@@ -1,0 +1,35 @@
+"""Shared fixtures: the default model is converted once and loaded once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Keep the two CI cores for the engine; tokenizers' own thread pool only competes with it.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> str:
+    from radixflow.runtime.default_model import resolve_model_path
+
+    return resolve_model_path(None)
+
+
+@pytest.fixture(scope="session")
+def engine(default_model_path: str):
+    """One in-process Engine on the default model for the whole session (fp32, CPU)."""
+    from radixflow.runtime.engine import Engine
+
+    eng = Engine(default_model_path, max_total_tokens=24576, max_running_requests=48,
+                 chunked_prefill_size=512, max_prefill_tokens=2048)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model_path: str):
+    from radixflow.runtime.tokenizer import Tokenizer
+
+    return Tokenizer.from_pretrained(default_model_path)
