@@ -48,6 +48,7 @@ class Engine:
         self._sinks: dict[str, Callable[[dict | object], None]] = {}
         self._counter = itertools.count()
         self._closed = False
+        self._failure = "the engine has been shut down"
         self._thread = threading.Thread(target=self._loop, name="radixflow-scheduler", daemon=True)
         self._thread.start()
 
@@ -155,7 +156,7 @@ class Engine:
     def _make_reqs(self, prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
                    top_logprobs_num, return_text_in_logprobs, stream, rid):
         if self._closed:
-            raise RuntimeError("the engine has been shut down")
+            raise RuntimeError(self._failure)
         if (prompt is None) == (input_ids is None):
             raise ValueError("give exactly one of prompt (text) and input_ids")
         if prompt is not None:
@@ -192,7 +193,7 @@ class Engine:
     def _submit(self, item: tuple[TokenizedGenerateReq, bool], sink: Callable[[dict | object], None]) -> None:
         req, text_in_lp = item
         if self._closed:
-            raise RuntimeError("the engine has been shut down")
+            raise RuntimeError(self._failure)
         self._inbox.put(("add", req, text_in_lp, sink, time.perf_counter()))
 
     def _submit_collect(self, item) -> Future:
@@ -221,6 +222,8 @@ class Engine:
             self.abort(item[0].rid)
 
     def _call(self, fn: Callable[[], Any]) -> Any:
+        if self._closed:
+            raise RuntimeError(self._failure)
         fut: Future = Future()
         self._inbox.put(("call", fn, fut))
         return fut.result()
@@ -250,14 +253,29 @@ class Engine:
                 else:
                     outputs, sched.outbox = sched.outbox, []
                 self._route(outputs)
-            except Exception:  # a bug must not hang every caller: fail them all loudly
+            except Exception as e:  # a bug must not hang every caller: fail them all loudly
                 logger.exception("scheduler step failed")
-                for rid, sink in list(self._sinks.items()):
-                    sink({"text": "", "output_ids": [], "meta_info": {
-                        "id": rid, "finish_reason": {"type": "abort", "message": "internal error"}}})
-                    sink(_DONE)
-                self._sinks.clear()
+                self._closed = True
+                self._failure = f"the engine's scheduler failed: {type(e).__name__}: {e}"
+                self._fail_all()
                 raise
+
+    def _fail_all(self) -> None:
+        """Answer every waiting caller (and any request still queued) with the failure."""
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if msg[0] == "add":
+                self._sinks[msg[1].rid] = msg[3]
+            elif msg[0] == "call":
+                msg[2].set_exception(RuntimeError(self._failure))
+        for rid, sink in list(self._sinks.items()):
+            sink({"text": "", "output_ids": [], "meta_info": {
+                "id": rid, "finish_reason": {"type": "abort", "message": self._failure}}})
+            sink(_DONE)
+        self._sinks.clear()
 
     def _handle(self, msg: tuple) -> None:
         kind = msg[0]

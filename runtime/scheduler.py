@@ -211,7 +211,10 @@ class Scheduler:
             chunked = n < need
             if chunked and self.chunked is not None:
                 break  # one chunked prefill at a time
-            future = 0 if chunked else min(req.remaining_new_tokens, _RESERVE_CLIP) * self.new_token_ratio
+            # Room for future decode tokens; an idle engine always admits one request (retraction
+            # covers it if it grows beyond the pool later), so nothing can wait forever.
+            idle = not self.running and not batch
+            future = 0 if chunked or idle else min(req.remaining_new_tokens, _RESERVE_CLIP) * self.new_token_ratio
             if n + future > avail:
                 break
             if not self.cache.admit(req, match):
