@@ -15,7 +15,7 @@ from radixflow.runtime.config import EngineConfig
 from radixflow.runtime.forward_batch import ForwardBatch
 from radixflow.runtime.memory_pool import KVPool, ReqToTokenPool, TokenAllocator
 from radixflow.runtime.model_config import ModelConfig
-from radixflow.runtime.models.llama import LlamaForCausalLM
+from radixflow.runtime.models.llama import LlamaForCausalLM, RotaryEmbedding
 
 logger = logging.getLogger(__name__)
 
@@ -62,22 +62,22 @@ class ModelRunner:
         self.num_slots = self._pool_size(mc, ctx)
         self.context_length = min(ctx, self.num_slots)
 
+        backend = config.resolved_attention_backend()
+        fused = backend == "triton"  # the Triton path also fuses norm, rope and activation
         with torch.device("meta"):
-            model = LlamaForCausalLM(mc, max_positions=1)
+            model = LlamaForCausalLM(mc, max_positions=1, fused_kernels=fused)
         model = model.to_empty(device=self.device)
-        # The rope cache is a buffer: build it for real on the device.
-        from radixflow.runtime.models.llama import RotaryEmbedding
-        model.rope = RotaryEmbedding(mc, self.context_length).to(self.device)
         model.load_weights(iter_safetensors(model_path))
         self.model = model.to(self.dtype).eval()
-        self.model.rope.to(torch.float32)
+        # The rope cache is a buffer: build it for real after the cast, so it stays fp32.
+        self.model.rope = RotaryEmbedding(mc, self.context_length, fused).to(self.device)
 
         self.req_to_token_pool = ReqToTokenPool(config.max_running_requests + 1, self.context_length,
                                                 self.device)
         self.kv_pool = KVPool(self.num_slots, mc.num_layers, mc.num_kv_heads, mc.head_dim,
                               self.dtype, self.device)
         self.allocator = TokenAllocator(self.num_slots)
-        self.attn_backend = self._make_backend(config.resolved_attention_backend())
+        self.attn_backend = self._make_backend(backend)
         logger.info("model loaded in %.2fs: %s, %d KV slots, context %d, %s on %s",
                     time.perf_counter() - t0, mc.architecture, self.num_slots, self.context_length,
                     self.dtype, self.device)

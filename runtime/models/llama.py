@@ -15,12 +15,17 @@ from radixflow.runtime.model_config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, fused: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from radixflow.kernels.rmsnorm import rmsnorm
+
+            return rmsnorm(x, self.weight, self.eps)
         # Computed in fp32 and cast back, as Hugging Face does, so fp32 results match exactly.
         dtype = x.dtype
         x = x.float()
@@ -53,8 +58,9 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Non-interleaved (rotate-half) rope with a cos/sin cache indexed by position."""
 
-    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+    def __init__(self, cfg: ModelConfig, max_positions: int, fused: bool = False) -> None:
         super().__init__()
+        self.fused = fused
         inv_freq = rope_inv_freq(cfg)
         t = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
@@ -64,6 +70,11 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # q: (T, Hq, D), k: (T, Hkv, D)
+        if self.fused:
+            from radixflow.kernels.rotary import rotary
+
+            half = q.shape[-1] // 2  # the cache repeats its halves: (max_pos, D) viewed as (max_pos, D/2)
+            return rotary(q, k, positions, self.cos_cache[:, :half], self.sin_cache[:, :half])
         cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
@@ -100,24 +111,29 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, fused: bool = False) -> None:
         super().__init__()
+        self.fused = fused
         self.inter = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from radixflow.kernels.activation import silu_and_mul
+
+            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_id: int, fused: bool = False) -> None:
         super().__init__()
         self.self_attn = Attention(cfg, layer_id)
-        self.mlp = MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, fused)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding,
                 backend: AttentionBackend) -> torch.Tensor:
@@ -126,15 +142,18 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """forward(batch) -> final hidden states (T, hidden); `compute_logits` maps rows to vocab."""
+    """forward(batch) -> final hidden states (T, hidden); `compute_logits` maps rows to vocab.
 
-    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+    `fused_kernels=True` runs rmsnorm, rope and silu-and-mul as Triton kernels (GPU path)."""
+
+    def __init__(self, cfg: ModelConfig, max_positions: int, fused_kernels: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
+        self.fused_kernels = fused_kernels
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rope = RotaryEmbedding(cfg, max_positions)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i, fused_kernels) for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused_kernels)
+        self.rope = RotaryEmbedding(cfg, max_positions, fused_kernels)
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
