@@ -4,29 +4,27 @@ Imports nothing from ``radixflow.runtime``; the scheduler and sampler use it thr
 :class:`GrammarBackend` / :class:`GrammarMatcher`.
 """
 
-from radixflow.grammars.base import (
-    GRAMMAR_KINDS,
-    GrammarBackend,
-    GrammarMatcher,
-    apply_bitmask_torch,
-    unpack_bitmask,
-)
-from radixflow.grammars.errors import GrammarCompileTimeout, GrammarError
-from radixflow.grammars.jump_forward import jump_forward_tokens
-from radixflow.grammars.regex_utils import (
-    BOOL_REGEX,
-    FLOAT_REGEX,
-    INT_REGEX,
-    STRING_REGEX,
-    choices_regex,
-    escape_regex_literal,
-)
-from radixflow.grammars.xgrammar_backend import (
-    XGrammarBackend,
-    XGrammarMatcher,
-    load_tokenizer_info,
-    validate_grammar,
-)
+import importlib
+from typing import Any
+
+# Lazy: `radixflow.grammars.regex_utils` (used by the DSL) must not pay for torch + xgrammar.
+_EXPORTS = {
+    "GRAMMAR_KINDS": "base", "GrammarBackend": "base", "GrammarMatcher": "base",
+    "apply_bitmask_torch": "base", "unpack_bitmask": "base",
+    "GrammarCompileTimeout": "errors", "GrammarError": "errors",
+    "jump_forward_tokens": "jump_forward",
+    "BOOL_REGEX": "regex_utils", "FLOAT_REGEX": "regex_utils", "INT_REGEX": "regex_utils",
+    "STRING_REGEX": "regex_utils", "choices_regex": "regex_utils", "escape_regex_literal": "regex_utils",
+    "XGrammarBackend": "xgrammar_backend", "XGrammarMatcher": "xgrammar_backend",
+    "load_tokenizer_info": "xgrammar_backend", "validate_grammar": "xgrammar_backend",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"radixflow.grammars.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'radixflow.grammars' has no attribute {name!r}")
+
 
 __all__ = [
     "BOOL_REGEX",

@@ -164,7 +164,7 @@ class Engine:
             texts = [prompt] if single else list(prompt)
             if not all(isinstance(t, str) for t in texts):
                 raise ValueError("prompt must be a string or a list of strings")
-            ids_list = [self.tokenizer.encode(t) for t in texts]
+            ids_list = [self.tokenizer.encode_prompt(t) for t in texts]
         else:
             single = bool(input_ids) and isinstance(input_ids[0], int) or input_ids == []
             ids_list = [list(input_ids)] if single else [list(x) for x in input_ids]
@@ -236,7 +236,10 @@ class Engine:
             block = not sched.has_work()
             try:
                 while True:
-                    msg = self._inbox.get(block=block, timeout=None)
+                    try:
+                        msg = self._inbox.get(block=block, timeout=None)
+                    except queue.Empty:
+                        break
                     block = False
                     if msg[0] == "stop":
                         for rid in list(self._sinks):
@@ -245,9 +248,6 @@ class Engine:
                         self._route(outputs)
                         return
                     self._handle(msg)
-            except queue.Empty:
-                pass
-            try:
                 if sched.has_work():
                     outputs = sched.step()
                 else:

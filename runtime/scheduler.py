@@ -199,6 +199,8 @@ class Scheduler:
         if not self.waiting or budget <= 0 or slots_left <= 0:
             return batch or None
         tracker = InBatchPrefixTracker()
+        if self.chunked is not None:  # its uncached remainder is being computed: others wait for it
+            tracker.add(self.chunked.fill_ids)
         admitted: list[Req] = []
         for req, match in self.policy.order(self.waiting):
             if slots_left <= 0 or budget <= 0:
@@ -267,8 +269,10 @@ class Scheduler:
             if not req.input_logprobs_done:
                 self._input_logprobs(req, hidden[offset:offset + n], start)
             offset += n
-            if req.kv_len < req.seq_len:  # more chunks to go: share what is computed so far
-                self.cache.cache_prefix(req)
+            # Share what is computed right away (other requests with this prefix hit it while
+            # this one is still running), both between chunks and once the prompt is done.
+            self.cache.cache_prefix(req)
+            if req.kv_len < req.seq_len:
                 continue
             if req is self.chunked:
                 self.chunked = None

@@ -199,6 +199,15 @@ class Tokenizer:
         """Token ids of `text`; special-token strings in it map to their ids."""
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """`encode` for a whole prompt: special tokens added as the model expects, but a BOS
+        that a chat template already wrote into the text is not doubled."""
+        ids = self.encode(text, add_special_tokens=True)
+        bos = self._bos_id
+        if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
+            return ids[1:]
+        return ids
+
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
         """`encode` of each text (in parallel inside the tokenizers library)."""
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]

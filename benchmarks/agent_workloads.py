@@ -1,0 +1,128 @@
+"""Agent workloads through the DSL: radix cache on vs off, and DSL overhead vs direct engine calls.
+
+Workloads (greedy, ignore_eos, so every configuration generates exactly the same token counts):
+- tree-of-thought: `depth` levels of `width`-way forks (3 x 3: 3 + 9 + 27 = 39 gens);
+- few-shot batch: run_batch of `batch` programs sharing a 5-shot prefix.
+"direct" sends the same generation requests straight to the runtime engine (tree level by level,
+the batch as one list), so dsl/direct is the DSL's overhead (threads, prefix commits, tracing).
+
+    python benchmarks/agent_workloads.py [--max-tokens 8] [--batch 64] [--depth 3] [--width 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import radixflow as rf
+
+QUESTION = ("Plan a three-day trip to a coastal city on a small budget. Consider transport, food, "
+            "places to stay and free activities, and keep each step short.")
+SHOTS = "".join(f"Q: What is the sum of {a} and {b}?\nA: The sum of {a} and {b} is {a + b}.\n\n"
+                for a, b in ((12, 30), (7, 8), (101, 99), (45, 55), (3, 4)))
+
+
+def step(level: int, i: int) -> str:
+    return f"\nStep {level + 1}, option {i + 1}:"
+
+
+@rf.function
+def tree_of_thought(s, depth, width, max_tokens):
+    s += QUESTION
+    frontier = [s]
+    for level in range(depth):
+        nxt = []
+        for node in frontier:
+            forks = node.fork(width)
+            forks += lambda i, level=level: step(level, i) + rf.gen("t", max_tokens=max_tokens)
+            nxt.extend(forks)
+        frontier = nxt
+    return [leaf.text() for leaf in frontier]
+
+
+def tree_direct(engine, depth: int, width: int, sp: dict) -> int:
+    """The same gens as tree_of_thought, one batched call per level; returns the gen count."""
+    frontier, gens = [QUESTION], 0
+    for level in range(depth):
+        prompts = [p + step(level, i) for p in frontier for i in range(width)]
+        outs = engine.generate(prompts, sp)
+        frontier = [p + o["text"] for p, o in zip(prompts, outs)]
+        gens += len(prompts)
+    return gens
+
+
+@rf.function
+def few_shot(s, question, max_tokens):
+    s += "Answer each question in one sentence.\n\n" + SHOTS
+    s += "Q: " + question + "\nA:" + rf.gen("a", max_tokens=max_tokens)
+
+
+def questions(n: int) -> list[str]:
+    return [f"What is the sum of {i * 7 % 90 + 10} and {i * 13 % 90 + 5}?" for i in range(n)]
+
+
+def measure(eng: rf.Engine, fn) -> tuple[float, dict]:
+    ok, _ = eng.engine.flush_cache()
+    assert ok, "cache flush refused"
+    before = eng.get_server_info()
+    t0 = time.perf_counter()
+    fn()
+    wall = time.perf_counter() - t0
+    after = eng.get_server_info()
+    return wall, {k: after[k] - before[k] for k in ("prompt_tokens", "computed_prompt_tokens")}
+
+
+def bench(eng: rf.Engine, args: argparse.Namespace, cache: str) -> list[tuple]:
+    sp = {"max_new_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
+    n_tree = sum(args.width ** (k + 1) for k in range(args.depth))
+    qs = questions(args.batch)
+    runs = {
+        ("tree-of-thought", "dsl"): lambda: tree_of_thought.run(depth=args.depth, width=args.width,
+                                                                max_tokens=args.max_tokens, backend=eng,
+                                                                temperature=0, ignore_eos=True),
+        ("tree-of-thought", "direct"): lambda: tree_direct(eng.engine, args.depth, args.width, sp),
+        ("few-shot batch", "dsl"): lambda: few_shot.run_batch([{"question": q} for q in qs], backend=eng,
+                                                              max_tokens=args.max_tokens, temperature=0,
+                                                              ignore_eos=True),
+        ("few-shot batch", "direct"): lambda: eng.engine.generate(
+            ["Answer each question in one sentence.\n\n" + SHOTS + "Q: " + q + "\nA:" for q in qs], sp),
+    }
+    rows = []
+    for (workload, mode), fn in runs.items():
+        wall, d = measure(eng, fn)
+        gens = n_tree if workload == "tree-of-thought" else args.batch
+        hit = 1 - d["computed_prompt_tokens"] / max(d["prompt_tokens"], 1)
+        rows.append((workload, cache, mode, wall, gens * args.max_tokens / wall, d["prompt_tokens"],
+                     d["computed_prompt_tokens"], hit))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--depth", type=int, default=3)
+    p.add_argument("--width", type=int, default=3)
+    args = p.parse_args()
+    rows = []
+    for cache, disable in (("on", False), ("off", True)):
+        eng = rf.Engine(args.model, device=args.device, disable_radix_cache=disable, max_running_requests=64)
+        eng.generate("warm up", {"max_new_tokens": 2})
+        rows += bench(eng, args, cache)
+        eng.shutdown()
+    print(f"\nmax_tokens={args.max_tokens}  tree={args.depth}x{args.width}  batch={args.batch}  "
+          f"device={rows and eng.engine.config.resolved_device()}")
+    head = ("workload", "cache", "mode", "wall s", "gen tok/s", "prompt tok", "computed", "cache hit")
+    print(f"{head[0]:<16} {head[1]:>5} {head[2]:>6} {head[3]:>8} {head[4]:>10} {head[5]:>10} {head[6]:>9} {head[7]:>9}")
+    for w, c, m, wall, tps, pt, ct, hit in rows:
+        print(f"{w:<16} {c:>5} {m:>6} {wall:>8.2f} {tps:>10.1f} {pt:>10} {ct:>9} {hit:>9.1%}")
+    by = {(r[0], r[1], r[2]): r[3] for r in rows}
+    for w in ("tree-of-thought", "few-shot batch"):
+        print(f"{w}: cache speedup (dsl) {by[(w, 'off', 'dsl')] / by[(w, 'on', 'dsl')]:.2f}x, "
+              f"DSL overhead vs direct (cache on) {by[(w, 'on', 'dsl')] / by[(w, 'on', 'direct')] - 1:+.1%}")
+
+
+if __name__ == "__main__":
+    main()
