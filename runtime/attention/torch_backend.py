@@ -25,7 +25,28 @@ class _DecodeMeta:
 
 class TorchAttnBackend(AttentionBackend):
     """Per-request SDPA for extend (causal over new tokens, full over the prefix); one padded,
-    masked SDPA call for the whole decode batch."""
+    masked SDPA call for the whole decode batch.
+
+    K/V are gathered from the pool into persistent workspaces (fresh allocations of tens of MB
+    per layer cost more in page faults than the copy itself), and decode attends with the
+    query heads grouped per KV head, so GQA never materializes repeated K/V."""
+
+    def __init__(self, kv_pool, req_to_token_pool) -> None:
+        super().__init__(kv_pool, req_to_token_pool)
+        self._k_ws = self._v_ws = None
+
+    def _gather(self, layer_id: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V rows of the slots `idx` (n,), as views of the workspaces: (n, Hkv, D)."""
+        n = idx.numel()
+        kb, vb = self.kv_pool.k_buffer[layer_id], self.kv_pool.v_buffer[layer_id]
+        if self._k_ws is None or self._k_ws.shape[0] < n:
+            cap = max(n, 2 * (0 if self._k_ws is None else self._k_ws.shape[0]), 4096)
+            self._k_ws = torch.empty((cap, *kb.shape[1:]), dtype=kb.dtype, device=kb.device)
+            self._v_ws = torch.empty_like(self._k_ws)
+        k, v = self._k_ws[:n], self._v_ws[:n]
+        torch.index_select(kb, 0, idx, out=k)
+        torch.index_select(vb, 0, idx, out=v)
+        return k, v
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         r2t = self.req_to_token_pool.req_to_token
@@ -54,14 +75,13 @@ class TorchAttnBackend(AttentionBackend):
                        scale: float) -> torch.Tensor:
         meta: _ExtendMeta = batch.attn_metadata
         T, H, D = q.shape
-        kb, vb = self.kv_pool.k_buffer[layer_id], self.kv_pool.v_buffer[layer_id]
         out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
         start = 0
         for i, e in enumerate(batch.extend_lens_cpu):
             qi = q[start:start + e].transpose(0, 1)  # (H, e, D)
-            idx = meta.kv_indices[i]
-            ki = kb[idx].transpose(0, 1).to(q.dtype)  # (Hkv, L, D)
-            vi = vb[idx].transpose(0, 1).to(q.dtype)
+            k, v = self._gather(layer_id, meta.kv_indices[i])
+            ki = k.transpose(0, 1).to(q.dtype)  # (Hkv, L, D)
+            vi = v.transpose(0, 1).to(q.dtype)
             mask = meta.masks[i]
             oi = F.scaled_dot_product_attention(
                 qi.unsqueeze(0), ki.unsqueeze(0), vi.unsqueeze(0), attn_mask=mask,
@@ -74,9 +94,11 @@ class TorchAttnBackend(AttentionBackend):
                        scale: float) -> torch.Tensor:
         meta: _DecodeMeta = batch.attn_metadata
         B, H, D = q.shape
-        kb, vb = self.kv_pool.k_buffer[layer_id], self.kv_pool.v_buffer[layer_id]
-        k = kb[meta.kv_indices].permute(0, 2, 1, 3).to(q.dtype)  # (B, Hkv, L, D)
-        v = vb[meta.kv_indices].permute(0, 2, 1, 3).to(q.dtype)
-        o = F.scaled_dot_product_attention(
-            q.unsqueeze(2), k, v, attn_mask=meta.mask, scale=scale, enable_gqa=k.shape[1] != H)
-        return o.view(B, H * D)
+        Hkv = self.kv_pool.kv_heads
+        L = meta.kv_indices.shape[1]
+        k, v = self._gather(layer_id, meta.kv_indices.view(-1))
+        k = k.view(B, L, Hkv, D).transpose(1, 2).to(q.dtype)  # (B, Hkv, L, D)
+        v = v.view(B, L, Hkv, D).transpose(1, 2).to(q.dtype)
+        qg = q.view(B, Hkv, H // Hkv, D)  # q head h reads kv head h // (H // Hkv)
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=meta.mask, scale=scale)
+        return o.reshape(B, H * D)
