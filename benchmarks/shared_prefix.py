@@ -41,12 +41,14 @@ def ideal_hits(prompts: list[list[int]]) -> int:
 
 
 async def _stream_one(eng, ids, params, t0, sent: list) -> tuple[float, str, int]:
-    sent.append(ids)
+    entry: tuple[list[int], list[int]] = (ids, [])
+    sent.append(entry)
     ttft, text, n = None, "", 0
     async for chunk in eng.async_stream(input_ids=ids, sampling_params=params):
         if ttft is None:
             ttft = time.perf_counter() - t0
         text, n = chunk["text"], chunk["meta_info"]["completion_tokens"]
+        entry[1][:] = chunk["output_ids"]
     return ttft, text, n
 
 
@@ -123,7 +125,7 @@ def main() -> None:
         results = {}
         for off in (False, True):
             r = run(path, off, which, args.seed)
-            ideal = ideal_hits(r["sent"]) / max(1, sum(map(len, r["sent"])))
+            ideal = ideal_hits(r["sent"]) / max(1, sum(len(p) for p, _ in r["sent"]))
             results[off] = r
             name = "(a) 4x16 shared 800-tok system" if which == "a" else "(b) 16 chats x 4 turns"
             print(f"| {name} | {'off' if off else 'on'} | {r['time']:.2f} | {r['requests'] / r['time']:.2f} | "

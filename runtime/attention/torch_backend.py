@@ -1,4 +1,9 @@
-"""Portable attention on PyTorch SDPA, reading K/V from the token-level pool."""
+"""Portable attention on PyTorch, reading K/V from the token-level pool.
+
+Decode is cascade attention when requests share long prefixes (the radix cache gives them the
+same KV slots): each shared prefix is gathered once and attended by all of its requests in one
+matmul, each request's own suffix is attended separately, and the partial results are merged
+by their log-sum-exp. Exact up to float rounding; the plan is made once per step."""
 
 from __future__ import annotations
 
@@ -10,6 +15,10 @@ import torch.nn.functional as F
 from radixflow.runtime.attention.base import AttentionBackend
 from radixflow.runtime.forward_batch import ForwardBatch, ForwardMode
 
+# Cost model of the decode plan, in gathered K/V rows: one more attention call per layer (a
+# bucket or a shared segment) costs about as much as gathering and attending this many rows.
+_CALL_COST_ROWS = 256
+
 
 @dataclass
 class _ExtendMeta:
@@ -18,47 +27,148 @@ class _ExtendMeta:
 
 
 @dataclass
+class _Bucket:
+    """Requests whose own keys (from their suffix start to seq_len) are attended together,
+    padded to the longest of them."""
+
+    rows: torch.Tensor | None  # int64 (b,) batch positions; None: the whole batch, in order
+    kv_indices: torch.Tensor  # int64 (b * length,) pool slots, row-major (b, length)
+    length: int
+    mask: torch.Tensor | None  # plain path: bool (b, 1, 1, length); None when nothing is padded
+    bias: torch.Tensor | None  # cascade path: fp32 (Hkv * b, 1, length), 0 or -inf; None likewise
+
+
+@dataclass
+class _Segment:
+    """Keys shared by several requests: the same slots at the same positions of their rows."""
+
+    rows: torch.Tensor  # int64 (M,) batch positions, M >= 2
+    kv_indices: torch.Tensor  # int64 (P,) pool slots
+
+
+@dataclass
 class _DecodeMeta:
-    kv_indices: torch.Tensor  # int64 (B, max_len)
-    mask: torch.Tensor | None  # bool (B, 1, 1, max_len), None when all lengths are equal
+    buckets: list[_Bucket]  # every request in exactly one
+    segments: list[_Segment]  # empty: plain path (SDPA per bucket, suffixes start at 0)
+
+
+def shared_prefix_segments(idx: torch.Tensor, seq_lens: list[int], min_prefix: int,
+                           call_cost: int = _CALL_COST_ROWS) -> tuple[list[tuple[list[int], int, int]], list[int]]:
+    """Split each request's keys into shared segments and a private suffix.
+
+    idx: (B, L) slot indices of the requests' rows (L >= max seq_len). Returns (segments,
+    suffix_starts): each segment (rows, start, end) says that those rows (>= 2) hold the same
+    slots at positions start..end-1, with end - start >= min_prefix; request i's positions
+    0..suffix_starts[i]-1 are covered by exactly one segment each, in order, and
+    suffix_starts[i] < seq_lens[i]. Segments nest like a trie of the rows, with edges shorter
+    than min_prefix (or saving less than `call_cost` rows) folded into their children."""
+    B, L = idx.shape
+    pos = torch.arange(L, device=idx.device)
+    lens = torch.tensor(seq_lens, device=idx.device)
+    # A distinct negative sentinel from seq_len - 1 on: the last key is never shared (it is the
+    # new token's, and a suffix must not be empty), and stale slots beyond it are ignored.
+    sentinel = -1 - torch.arange(B, device=idx.device)
+    keyed = torch.where(pos[None, :] < lens[:, None] - 1, idx, sentinel[:, None])
+    _, rank = torch.unique(keyed, dim=0, return_inverse=True)  # rows are distinct: a permutation
+    order = torch.empty_like(rank)
+    order[rank] = torch.arange(B, device=idx.device)
+    srt = keyed[order]
+    lcp = (srt[1:] != srt[:-1]).to(torch.int8).argmax(1).tolist()  # first mismatch (one exists)
+    order_l = order.tolist()
+
+    segments: list[tuple[list[int], int, int]] = []
+    suffix_starts = [0] * B
+    stack = [(0, B - 1, 0)]  # sorted rows lo..hi share their first `base` slots
+    while stack:
+        lo, hi, base = stack.pop()
+        if lo == hi:
+            suffix_starts[order_l[lo]] = base
+            continue
+        depth = min(lcp[lo:hi])
+        if depth - base >= min_prefix and (hi - lo) * (depth - base) >= call_cost:
+            segments.append((order_l[lo:hi + 1], base, depth))
+            base = depth
+        start = lo
+        for i in range(lo, hi):
+            if lcp[i] == depth:
+                stack.append((start, i, base))
+                start = i + 1
+        stack.append((start, hi, base))
+    return segments, suffix_starts
+
+
+def pad_buckets(lengths: list[int], call_cost: int = _CALL_COST_ROWS) -> tuple[list[list[int]], int]:
+    """Partition requests into buckets minimizing sum(bucket size * its longest length) +
+    call_cost per bucket. Optimal among partitions into runs of the lengths sorted longest
+    first that break only where the length has dropped by 1/8 since the last break candidate
+    (so the work stays small: O(log(max/min)^2)). Returns (buckets of request indices, the cost)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    ls = [lengths[i] for i in order]
+    cands = [0]
+    for i in range(1, len(ls)):
+        if 8 * ls[i] <= 7 * ls[cands[-1]]:
+            cands.append(i)
+    ends = [*cands[1:], len(ls)]
+    best, cut = {0: 0}, {}
+    for j in ends:
+        best[j], cut[j] = min((best[i] + (j - i) * ls[i] + call_cost, i) for i in cands if i < j)
+    buckets, j = [], len(ls)
+    while j:
+        buckets.append(order[cut[j]:j])
+        j = cut[j]
+    return buckets[::-1], best[len(ls)]
 
 
 class TorchAttnBackend(AttentionBackend):
-    """Per-request SDPA for extend (causal over new tokens, full over the prefix); one padded,
-    masked SDPA call for the whole decode batch.
+    """Per-request SDPA for extend (causal over new tokens, full over the prefix); for decode,
+    padded SDPA over buckets of similar lengths, or cascade attention over shared prefixes.
 
     K/V are gathered from the pool into persistent workspaces (fresh allocations of tens of MB
     per layer cost more in page faults than the copy itself), and decode attends with the
     query heads grouped per KV head, so GQA never materializes repeated K/V."""
 
-    def __init__(self, kv_pool, req_to_token_pool) -> None:
+    def __init__(self, kv_pool, req_to_token_pool, min_shared_prefix: int = 64) -> None:
         super().__init__(kv_pool, req_to_token_pool)
-        self._k_ws = self._v_ws = None
+        self.min_shared_prefix = min_shared_prefix
+        self._ws: dict[str, torch.Tensor] = {}
+
+    def _workspace(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+        """A contiguous view of `shape` into a persistent buffer, grown by doubling."""
+        n = 1
+        for d in shape:
+            n *= d
+        buf = self._ws.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            cap = max(n, 2 * (0 if buf is None else buf.numel()), 1 << 20)
+            buf = self._ws[name] = torch.empty(cap, dtype=dtype, device=device)
+        return buf[:n].view(shape)
 
     def _gather(self, layer_id: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V rows of the slots `idx` (n,), as views of the workspaces: (n, Hkv, D)."""
-        n = idx.numel()
         kb, vb = self.kv_pool.k_buffer[layer_id], self.kv_pool.v_buffer[layer_id]
-        if self._k_ws is None or self._k_ws.shape[0] < n:
-            cap = max(n, 2 * (0 if self._k_ws is None else self._k_ws.shape[0]), 4096)
-            self._k_ws = torch.empty((cap, *kb.shape[1:]), dtype=kb.dtype, device=kb.device)
-            self._v_ws = torch.empty_like(self._k_ws)
-        k, v = self._k_ws[:n], self._v_ws[:n]
+        shape = (idx.numel(), *kb.shape[1:])
+        k = self._workspace("k", shape, kb.dtype, kb.device)
+        v = self._workspace("v", shape, kb.dtype, kb.device)
         torch.index_select(kb, 0, idx, out=k)
         torch.index_select(vb, 0, idx, out=v)
         return k, v
+
+    def _gather_heads(self, layer_id: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like _gather, but fp32 and head-major, (Hkv, n, D), so batched matmuls need no copy."""
+        k, v = self._gather(layer_id, idx)
+        n, hkv, d = k.shape
+        kh = self._workspace("kh", (hkv, n, d), torch.float32, k.device)
+        vh = self._workspace("vh", (hkv, n, d), torch.float32, k.device)
+        kh.copy_(k.transpose(0, 1))
+        vh.copy_(v.transpose(0, 1))
+        return kh, vh
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         r2t = self.req_to_token_pool.req_to_token
         rows = batch.req_pool_indices
         if batch.mode is ForwardMode.DECODE:
-            max_len = max(batch.seq_lens_cpu)
-            idx = r2t[rows, :max_len].to(torch.int64)
-            mask = None
-            if min(batch.seq_lens_cpu) != max_len:
-                ar = torch.arange(max_len, device=idx.device)
-                mask = (ar[None, :] < batch.seq_lens[:, None]).view(len(batch.seq_lens_cpu), 1, 1, max_len)
-            batch.attn_metadata = _DecodeMeta(idx, mask)
+            batch.attn_metadata = self._plan_decode(batch)
             return
         kv_indices, masks = [], []
         for i, (p, e) in enumerate(zip(batch.prefix_lens_cpu, batch.extend_lens_cpu)):
@@ -70,6 +180,50 @@ class TorchAttnBackend(AttentionBackend):
                 k_pos = torch.arange(p + e, device=r2t.device)
                 masks.append(k_pos[None, :] <= q_pos[:, None])
         batch.attn_metadata = _ExtendMeta(kv_indices, masks)
+
+    def _plan_decode(self, batch: ForwardBatch) -> _DecodeMeta:
+        """Cascade when shared prefixes save more gathered rows than the extra calls cost."""
+        lens = batch.seq_lens_cpu
+        idx = self.req_to_token_pool.req_to_token[batch.req_pool_indices, :max(lens)].to(torch.int64)
+        plain, plain_cost = pad_buckets(lens)
+        if len(lens) > 1:
+            segs, starts = shared_prefix_segments(idx, lens, self.min_shared_prefix)
+            if segs:
+                suffix, suffix_cost = pad_buckets([n - s for n, s in zip(lens, starts)])
+                cost = suffix_cost + sum(end - start + _CALL_COST_ROWS for _, start, end in segs)
+                if cost < plain_cost:
+                    segments = [_Segment(self._index(r, idx.device), idx[r[0], start:end])
+                                for r, start, end in segs]
+                    return _DecodeMeta(self._buckets(idx, lens, starts, suffix, True), segments)
+        return _DecodeMeta(self._buckets(idx, lens, [0] * len(lens), plain, False), [])
+
+    @staticmethod
+    def _index(rows: list[int], device: torch.device) -> torch.Tensor:
+        return torch.tensor(rows, dtype=torch.int64, device=device)
+
+    def _buckets(self, idx: torch.Tensor, lens: list[int], starts: list[int],
+                 groups: list[list[int]], cascade: bool) -> list[_Bucket]:
+        dev, hkv = idx.device, self.kv_pool.kv_heads
+        out = []
+        for g in map(sorted, groups):
+            rows = self._index(g, dev)
+            start = self._index([starts[i] for i in g], dev)
+            n = self._index([lens[i] - starts[i] for i in g], dev)
+            length = max(lens[i] - starts[i] for i in g)
+            pos = torch.arange(length, device=dev)
+            valid = pos[None, :] < n[:, None]  # (b, length)
+            cols = (start[:, None] + pos[None, :]).clamp_(max=idx.shape[1] - 1)
+            kv = torch.where(valid, idx[rows[:, None], cols], 0).view(-1)
+            mask = bias = None
+            if not bool(valid.all()):
+                if cascade:
+                    bias = torch.zeros(valid.shape, device=dev).masked_fill_(~valid, float("-inf"))
+                    bias = bias[None].expand(hkv, -1, -1).reshape(-1, 1, length)
+                else:
+                    mask = valid.view(len(g), 1, 1, length)
+            whole = g == list(range(len(lens)))
+            out.append(_Bucket(None if whole else rows, kv, length, mask, bias))
+        return out
 
     def forward_extend(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch,
                        scale: float) -> torch.Tensor:
@@ -93,12 +247,71 @@ class TorchAttnBackend(AttentionBackend):
     def forward_decode(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch,
                        scale: float) -> torch.Tensor:
         meta: _DecodeMeta = batch.attn_metadata
+        if meta.segments:
+            return self._cascade_decode(q, layer_id, meta, scale)
         B, H, D = q.shape
         Hkv = self.kv_pool.kv_heads
-        L = meta.kv_indices.shape[1]
-        k, v = self._gather(layer_id, meta.kv_indices.view(-1))
-        k = k.view(B, L, Hkv, D).transpose(1, 2).to(q.dtype)  # (B, Hkv, L, D)
-        v = v.view(B, L, Hkv, D).transpose(1, 2).to(q.dtype)
         qg = q.view(B, Hkv, H // Hkv, D)  # q head h reads kv head h // (H // Hkv)
-        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=meta.mask, scale=scale)
-        return o.reshape(B, H * D)
+        out = None if meta.buckets[0].rows is None else torch.empty_like(qg)
+        for bk in meta.buckets:
+            b = B if bk.rows is None else bk.rows.numel()
+            k, v = self._gather(layer_id, bk.kv_indices)
+            k = k.view(b, bk.length, Hkv, D).transpose(1, 2).to(q.dtype)  # (b, Hkv, L, D)
+            v = v.view(b, bk.length, Hkv, D).transpose(1, 2).to(q.dtype)
+            qb = qg if bk.rows is None else qg.index_select(0, bk.rows)
+            o = F.scaled_dot_product_attention(qb, k, v, attn_mask=bk.mask, scale=scale)
+            if out is None:
+                return o.reshape(B, H * D)
+            out.index_copy_(0, bk.rows, o)
+        return out.view(B, H * D)
+
+    def _cascade_decode(self, q: torch.Tensor, layer_id: int, meta: _DecodeMeta,
+                        scale: float) -> torch.Tensor:
+        B, H, D = q.shape
+        Hkv = self.kv_pool.kv_heads
+        G = H // Hkv
+        # Scaled fp32 queries, head-major: (Hkv, B, G, D).
+        qh = (q.to(torch.float32) * scale).view(B, Hkv, G, D).transpose(0, 1).contiguous()
+        # Suffixes: every request has one (its last key at least); start the running (out, lse).
+        if meta.buckets[0].rows is None:
+            bk = meta.buckets[0]
+            k, v = self._gather_heads(layer_id, bk.kv_indices)
+            o, lse = _attend(qh.view(Hkv * B, G, D), k.view(Hkv * B, bk.length, D),
+                             v.view(Hkv * B, bk.length, D), bk.bias)
+            acc_o, acc_lse = o.view(Hkv, B, G, D), lse.view(Hkv, B, G, 1)
+        else:
+            acc_o = torch.empty_like(qh)
+            acc_lse = torch.empty((Hkv, B, G, 1), dtype=torch.float32, device=q.device)
+            for bk in meta.buckets:
+                b = bk.rows.numel()
+                k, v = self._gather_heads(layer_id, bk.kv_indices)
+                o, lse = _attend(qh.index_select(1, bk.rows).view(Hkv * b, G, D),
+                                 k.view(Hkv * b, bk.length, D), v.view(Hkv * b, bk.length, D), bk.bias)
+                acc_o.index_copy_(1, bk.rows, o.view(Hkv, b, G, D))
+                acc_lse.index_copy_(1, bk.rows, lse.view(Hkv, b, G, 1))
+        # Shared segments: all their requests' queries against the keys gathered once.
+        for seg in meta.segments:
+            m = seg.rows.numel()
+            k, v = self._gather_heads(layer_id, seg.kv_indices)  # (Hkv, P, D)
+            o, lse = _attend(qh.index_select(1, seg.rows).view(Hkv, m * G, D), k, v, None)
+            o1, lse1 = acc_o.index_select(1, seg.rows), acc_lse.index_select(1, seg.rows)
+            o2, lse2 = o.view(Hkv, m, G, D), lse.view(Hkv, m, G, 1)
+            mx = torch.maximum(lse1, lse2)
+            w1, w2 = (lse1 - mx).exp_(), (lse2 - mx).exp_()
+            z = w1 + w2
+            acc_o.index_copy_(1, seg.rows, (o1 * w1).add_(o2 * w2).div_(z))
+            acc_lse.index_copy_(1, seg.rows, z.log_().add_(mx))
+        return acc_o.transpose(0, 1).reshape(B, H * D).to(q.dtype)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention with its log-sum-exp, fp32: q (N, R, D) pre-scaled, k/v (N, L, D),
+    bias broadcastable to (N, R, L) (0 or -inf; every row keeps a key) -> out (N, R, D),
+    lse (N, R, 1)."""
+    kt = k.transpose(1, 2)
+    s = torch.bmm(q, kt) if bias is None else torch.baddbmm(bias, q, kt)  # (N, R, L)
+    mx = s.amax(-1, keepdim=True)
+    s.sub_(mx).exp_()
+    z = s.sum(-1, keepdim=True)
+    return torch.bmm(s, v).div_(z), z.log_().add_(mx)

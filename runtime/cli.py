@@ -1,0 +1,144 @@
+"""The `radixflow` console script.
+
+    radixflow serve [--model PATH] [--host 127.0.0.1] [--port 30000] [--api-key K] [options]
+    radixflow generate "prompt" [--raw] [--max-new-tokens N] [--temperature T] [--model PATH]
+
+Engine options (`--max-total-tokens`, `--schedule-policy`, ...) are the EngineConfig fields and
+server options the ServerArgs fields, spelled with dashes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import typing
+from typing import Any
+
+from radixflow.runtime.config import EngineConfig
+from radixflow.runtime.server import ServerArgs
+
+_HELP = {
+    "max_total_tokens": "KV pool size in tokens (default: a share of free memory)",
+    "mem_fraction": "share of free memory for the KV pool when --max-total-tokens is not set",
+    "max_running_requests": "largest decode batch",
+    "schedule_policy": "lpm | dfs-weight | fcfs",
+    "api_key": "require `Authorization: Bearer KEY` on every endpoint but /health",
+    "max_waiting_requests": "requests in flight beyond --max-running-requests before 503",
+    "max_request_bytes": "largest accepted request body (413 beyond)",
+    "max_n": "largest n (choices per prompt)",
+    "log_interval": "scheduler steps between progress log lines (0 = off)",
+    "port": "TCP port (0 = any free port; the ready line names it)",
+}
+
+
+def _field_type(cls: type, name: str) -> type:
+    hint = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls: type, skip: set[str]) -> None:
+    """One --option per dataclass field (defaults suppressed: unset options keep the class default)."""
+    group = parser.add_argument_group(f"{cls.__name__} options")
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{_HELP.get(f.name, '')} (default: {default})".strip()
+        typ = _field_type(cls, f.name)
+        if typ is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, type=typ, default=argparse.SUPPRESS, help=help_text)
+
+
+def _collect(ns: argparse.Namespace, cls: type, skip: set[str]) -> dict[str, Any]:
+    return {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.name not in skip and hasattr(ns, f.name)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `radixflow` argument parser (subcommands `serve` and `generate`)."""
+    parser = argparse.ArgumentParser(prog="radixflow", description="radixflow: a serving engine for agent programs")
+    subs = parser.add_subparsers(dest="command", required=True)
+
+    serve = subs.add_parser("serve", help="run the HTTP server (native + OpenAI-compatible API)")
+    serve.add_argument("--model", default=None, help="model folder or .gguf (default: SmolLM2-135M-Instruct)")
+    _add_fields(serve, ServerArgs, {"engine"})
+    _add_fields(serve, EngineConfig, {"model"})
+
+    gen = subs.add_parser("generate", help="generate an answer in-process and print it")
+    gen.add_argument("prompt", help="the user message (or the raw prompt with --raw)")
+    gen.add_argument("--model", default=None, help="model folder or .gguf (default: SmolLM2-135M-Instruct)")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--system", default=None, help="a system message (chat mode)")
+    _add_fields(gen, EngineConfig, {"model"})
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `radixflow` script; returns the exit code."""
+    ns = build_parser().parse_args(argv)
+    try:
+        engine = EngineConfig.from_kwargs(model=ns.model, **_collect(ns, EngineConfig, {"model"}))
+        if ns.command == "serve":
+            args = ServerArgs(engine=engine, **_collect(ns, ServerArgs, {"engine"}))
+    except (TypeError, ValueError) as e:
+        print(f"radixflow: error: {e}", file=sys.stderr)
+        return 2
+    if ns.command == "serve":
+        return launch(args)
+    return _generate(ns, engine)
+
+
+def launch(args: ServerArgs) -> int:
+    """Run the server until it is stopped; returns its exit code."""
+    from radixflow.runtime.server import launch_server
+
+    return launch_server(args)
+
+
+def _generate(ns: argparse.Namespace, config: EngineConfig) -> int:
+    from radixflow.runtime.engine import Engine, GenerationError
+    from radixflow.runtime.sampling_params import SamplingParams
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    params: dict[str, Any] = {"max_new_tokens": ns.max_new_tokens, "temperature": ns.temperature}
+    try:
+        SamplingParams.from_dict(params)  # fail before loading the model
+    except ValueError as e:
+        print(f"radixflow: error: {e}", file=sys.stderr)
+        return 2
+    opts = {f.name: getattr(config, f.name) for f in dataclasses.fields(EngineConfig) if f.name != "model"}
+    with Engine(ns.model, **opts) as engine:
+        tok = engine.tokenizer
+        if ns.raw:
+            ids = tok.encode(ns.prompt)
+        else:
+            messages = ([{"role": "system", "content": ns.system}] if ns.system else []) + [
+                {"role": "user", "content": ns.prompt}]
+            ids = tok.encode(engine.apply_chat_template(messages), add_special_tokens=False)
+            stops = [s for s in tok.chat_stop_strings if tok.token_to_id(s) is None]
+            stop_ids = [t for s in tok.chat_stop_strings if (t := tok.token_to_id(s)) is not None]
+            params.update(stop=stops, stop_token_ids=stop_ids)
+        printed = ""
+        try:
+            for res in engine.generate(input_ids=ids, sampling_params=params, stream=True):
+                text = res["text"]
+                sys.stdout.write(text[len(printed):])
+                sys.stdout.flush()
+                printed = max(printed, text, key=len)
+        except (ValueError, GenerationError) as e:
+            print(f"\nradixflow: error: {e}", file=sys.stderr)
+            return 1
+        sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

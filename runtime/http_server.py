@@ -1,0 +1,311 @@
+"""The FastAPI app: SGLang-compatible native endpoints, the OpenAI router, auth, size limits
+and one JSON error shape (`{"error": {"message", "type", "code", "param"}}`) for every failure."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import json
+import logging
+import math
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from radixflow.runtime.tokenizer_manager import APIError, Submission, TokenizerManager, bad_request
+
+if TYPE_CHECKING:
+    from radixflow.runtime.server import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+_GENERATE_KEYS = {"text", "input_ids", "sampling_params", "rid", "return_logprob", "logprob_start_len",
+                  "top_logprobs_num", "return_text_in_logprobs", "stream"}
+_OPEN_PATHS = ("/health",)
+_STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                 405: "invalid_request_error", 413: "invalid_request_error", 503: "server_error"}
+_LOGPROB_FLOOR = -9999.0  # JSON has no -inf (a grammar-masked token's logprob)
+_PREFLIGHT_S = 10.0  # longest wait for a stream's first result before its headers are sent
+
+
+def error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+def sse(obj: Any) -> str:
+    """One server-sent event carrying `obj` as JSON."""
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def finite(x: Any) -> Any:
+    """`x` with every non-finite float (in nested lists/dicts) replaced by a large negative."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else _LOGPROB_FLOOR
+    if isinstance(x, list):
+        return [finite(v) for v in x]
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    return x
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """The request body parsed as JSON. Raises APIError 413 past `max_bytes`, 400 if not JSON."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise APIError(413, f"request body larger than {max_bytes} bytes", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise APIError(413, f"request body larger than {max_bytes} bytes", code="request_too_large")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad_request(f"the request body is not valid JSON: {e}") from None
+
+
+@contextlib.asynccontextmanager
+async def abort_on_disconnect(request: Request, tm: TokenizerManager, sub: Submission) -> AsyncIterator[None]:
+    """While inside: if the client disconnects, abort the submission's unfinished requests
+    (freeing their KV slots) and wake whoever waits on it; `sub.disconnected` becomes True."""
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        if not all(st.finished for st in sub.states):
+            sub.disconnected = True
+            tm.close(sub)
+            sub.event.set()
+
+    task = asyncio.get_running_loop().create_task(watch())
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
+async def stream_preflight(request: Request, tm: TokenizerManager, sub: Submission) -> Response | None:
+    """Before a stream's headers go out, wait (up to _PREFLIGHT_S) for the first result, so that a
+    request the scheduler refuses (e.g. a grammar that does not compile) gets a 4xx status
+    rather than an error event. Returns the response to send instead of the stream, or None."""
+    try:
+        async with abort_on_disconnect(request, tm, sub):
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(sub.event.wait(), _PREFLIGHT_S)  # not cleared: the stream reads it
+    except BaseException:
+        tm.close(sub)
+        raise
+    if sub.disconnected:
+        return Response(status_code=499)
+    err = sub.error()
+    if err is not None:
+        tm.close(sub)
+        return error_response(err)
+    return None
+
+
+class _Guard:
+    """ASGI middleware: Bearer-token auth (all paths but /health) and a declared-size limit."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_bytes: int) -> None:
+        self.app, self.api_key, self.max_bytes = app, api_key, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        err = None
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.api_key is not None and scope["path"] not in _OPEN_PATHS:
+            auth = headers.get("authorization", "")
+            token = auth[7:] if auth[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+                err = APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
+                               "authentication_error", "invalid_api_key")
+        length = headers.get("content-length", "")
+        if err is None and length.isdigit() and int(length) > self.max_bytes:
+            err = APIError(413, f"request body larger than {self.max_bytes} bytes", code="request_too_large")
+        if err is None:
+            await self.app(scope, receive, send)
+        else:
+            await error_response(err)(scope, receive, send)
+
+
+def build_app(tm: TokenizerManager, args: ServerArgs, model_name: str) -> FastAPI:
+    """The whole HTTP surface of one server."""
+    from radixflow.runtime.openai_api import openai_router
+
+    app = FastAPI(title="radixflow", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_Guard, api_key=args.api_key, max_bytes=args.max_request_bytes)
+    app.include_router(openai_router(tm, args, model_name))
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        if exc.status >= 500:
+            logger.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        msg = f"{request.method} {request.url.path}: {exc.detail}"
+        return error_response(APIError(exc.status_code, msg, _STATUS_TYPES.get(exc.status_code, "error"), code))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error in %s %s", request.method, request.url.path)
+        return error_response(APIError(500, f"internal server error: {type(exc).__name__}", "server_error",
+                                       "internal_error"))
+
+    @app.get("/health")
+    async def health() -> Response:
+        if tm.unhealthy:
+            return error_response(APIError(503, f"unhealthy: {tm.unhealthy}", "server_error", "service_unavailable"))
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/health_generate")
+    async def health_generate() -> Response:
+        """Healthy only if one token makes it through scheduler and detokenizer in time."""
+        token = tm.tokenizer.bos_token_id if tm.tokenizer.bos_token_id is not None else 0
+        prepared = await tm.prepare([[token]], [{"max_new_tokens": 1, "temperature": 0.0}])
+        sub = tm.submit(prepared, bypass_capacity=True)
+        try:
+            await asyncio.wait_for(tm.wait(sub), args.health_generate_timeout)
+        except asyncio.TimeoutError:
+            raise APIError(503, f"no token generated within {args.health_generate_timeout:.0f}s", "server_error",
+                           "service_unavailable") from None
+        finally:
+            tm.close(sub)
+        err = sub.error()
+        if err is not None:
+            raise APIError(503, err.message, "server_error", "service_unavailable")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/get_model_info")
+    async def get_model_info() -> dict[str, Any]:
+        return {"model_path": tm.model_path, "tokenizer_path": tm.tokenizer.path, "is_generation": True,
+                "served_model_name": model_name, "context_length": tm.context_length,
+                "vocab_size": tm.vocab_size}
+
+    @app.get("/get_server_info")
+    async def get_server_info() -> dict[str, Any]:
+        info = await tm.get_info()
+        sargs = dataclasses.asdict(args)
+        sargs["api_key"] = "<set>" if args.api_key else None
+        return {**info, "in_flight_requests": len(tm.states), "model_path": tm.model_path,
+                "served_model_name": model_name, "server_args": sargs}
+
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache() -> Response:
+        ok, message = await tm.flush_cache()
+        if not ok:
+            raise bad_request(f"cache not flushed: {message}", code="busy")
+        return JSONResponse({"success": True, "message": message})
+
+    @app.post("/abort_request")
+    async def abort_request(request: Request) -> dict[str, Any]:
+        body = await read_json(request, args.max_request_bytes)
+        if not isinstance(body, dict) or not isinstance(body.get("rid"), str):
+            raise bad_request('expected {"rid": "<request id>"}', param="rid")
+        return {"success": tm.abort(body["rid"])}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        with contextlib.suppress(APIError):
+            await tm.get_info(timeout=5.0)  # refreshes the scheduler gauges
+        return Response(tm.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/generate")
+    async def generate(request: Request) -> Response:
+        body = await read_json(request, args.max_request_bytes)
+        prompts, single, kwargs = _parse_generate(body)
+        stream = kwargs.pop("stream")
+        prepared = await tm.prepare(prompts, stream=stream, **kwargs)
+        sub = tm.submit(prepared)
+        many = not single or len(prepared.reqs) > 1
+        if stream:
+            refused = await stream_preflight(request, tm, sub)
+            if refused is not None:
+                return refused
+            return StreamingResponse(_native_stream(request, tm, sub, many), media_type="text/event-stream")
+        try:
+            async with abort_on_disconnect(request, tm, sub):
+                results = await tm.wait(sub)
+        finally:
+            tm.close(sub)
+        if sub.disconnected:
+            return Response(status_code=499)
+        err = sub.error()
+        if err is not None:
+            raise err
+        results = [finite(r) for r in results]
+        return JSONResponse(results if many else results[0])
+
+    return app
+
+
+def _parse_generate(body: Any) -> tuple[list, bool, dict[str, Any]]:
+    """(prompts, single, keyword arguments for TokenizerManager.prepare) of a /generate body."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    unknown = sorted(set(body) - _GENERATE_KEYS)
+    if unknown:
+        raise bad_request(f"unknown field(s): {', '.join(unknown)}")
+    text, ids = body.get("text"), body.get("input_ids")
+    if (text is None) == (ids is None):
+        raise bad_request("give exactly one of text and input_ids")
+    if text is not None:
+        single = isinstance(text, str)
+        prompts = [text] if single else text
+        if not isinstance(prompts, list) or not all(isinstance(t, str) for t in prompts):
+            raise bad_request("text must be a string or a list of strings", param="text")
+    else:
+        if not isinstance(ids, list):
+            raise bad_request("input_ids must be a list of token ids or a list of such lists", param="input_ids")
+        single = not ids or not isinstance(ids[0], list)
+        prompts = [ids] if single else ids
+        if not all(isinstance(p, list) for p in prompts):
+            raise bad_request("input_ids must be a list of token ids or a list of such lists", param="input_ids")
+    if not prompts:
+        raise bad_request("no prompt given")
+    sp = body.get("sampling_params")
+    sampling = sp if isinstance(sp, list) else [sp] * len(prompts)
+    rid = body.get("rid")
+    rids = rid if isinstance(rid, list) else [rid] * len(prompts) if len(prompts) == 1 or rid is None else None
+    if rids is None:
+        raise bad_request("a batch needs a list of rids, one per prompt", param="rid")
+    stream = body.get("stream", False)
+    flags = {k: body.get(k, d) for k, d in (("return_logprob", False), ("return_text_in_logprobs", False))}
+    for k, v in {**flags, "stream": stream}.items():
+        if not isinstance(v, bool):
+            raise bad_request(f"{k} must be a boolean", param=k)
+    kwargs = dict(sampling=sampling, rids=rids, logprob_start_len=body.get("logprob_start_len", -1),
+                  top_logprobs_num=body.get("top_logprobs_num", 0), stream=stream, **flags)
+    return prompts, single, kwargs
+
+
+async def _native_stream(request: Request, tm: TokenizerManager, sub: Submission, many: bool) -> AsyncIterator[str]:
+    try:
+        async with abort_on_disconnect(request, tm, sub):
+            async for i, res in tm.results(sub):
+                if sub.disconnected:
+                    return
+                fr = res["meta_info"].get("finish_reason") or {}
+                if fr.get("type") == "abort" and not sub.states[i].aborted_by_user:
+                    err = sub.error()
+                    yield sse(err.body() if err else {"error": {"message": fr.get("message")}})
+                    break
+                yield sse(finite({**res, "index": i}) if many else finite(res))
+            yield SSE_DONE
+    finally:
+        tm.close(sub)

@@ -1,0 +1,124 @@
+"""The server's child processes (scheduler, detokenizer): spawn, wait until ready, watch, stop.
+
+Sockets (ZeroMQ ipc in a private temp dir; every PULL binds, every PUSH connects):
+    tokenizer manager --PUSH--> `scheduler.ipc`   --> scheduler process
+    scheduler process --PUSH--> `detokenizer.ipc` --> detokenizer process
+    detokenizer       --PUSH--> `tokenizer.ipc`   --> tokenizer manager (HTTP process)
+
+A child reports ("ready", info) or ("error", traceback) once over a one-way pipe. Children die
+with their parent: PR_SET_PDEATHSIG on Linux, plus a parent-pid check in their loops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class IpcAddresses:
+    """ZeroMQ endpoints of the three PULL sockets."""
+
+    scheduler: str
+    detokenizer: str
+    tokenizer: str
+
+    @classmethod
+    def in_dir(cls, folder: str) -> IpcAddresses:
+        return cls(*(f"ipc://{os.path.join(folder, name)}.ipc" for name in ("scheduler", "detokenizer", "tokenizer")))
+
+
+def prepare_child(parent_pid: int, log_level: str = "info") -> None:
+    """Call first in a child: die with the parent, leave SIGINT to the parent, set up logging.
+    Exits at once if the parent is already gone."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C: the parent stops us in order
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(processName)s %(levelname)s %(message)s")
+
+
+def parent_alive(parent_pid: int) -> bool:
+    return os.getppid() == parent_pid
+
+
+class ChildProcesses:
+    """The scheduler and detokenizer processes of one server ("spawn" start method)."""
+
+    def __init__(self) -> None:
+        self.ctx = mp.get_context("spawn")
+        self.procs: dict[str, mp.process.BaseProcess] = {}
+        self._pipes: dict[str, Connection] = {}
+
+    def spawn(self, name: str, target: Any, *args: Any) -> None:
+        """Start `target(*args, ready_conn, parent_pid)` in a new process called `name`."""
+        recv, send = self.ctx.Pipe(duplex=False)
+        p = self.ctx.Process(target=target, args=(*args, send, os.getpid()), name=name, daemon=True)
+        p.start()
+        send.close()
+        self.procs[name] = p
+        self._pipes[name] = recv
+
+    def wait_ready(self, timeout: float) -> dict[str, Any]:
+        """Block until every child reported ready; return {name: info}. Raises RuntimeError
+        (with the child's traceback) if one fails, dies or takes longer than `timeout` s."""
+        infos: dict[str, Any] = {}
+        deadline = time.monotonic() + timeout
+        while len(infos) < len(self._pipes):
+            for name, conn in self._pipes.items():
+                if name in infos:
+                    continue
+                if conn.poll(0.05):
+                    try:
+                        kind, payload = conn.recv()
+                    except EOFError:
+                        kind, payload = "error", "exited before reporting ready"
+                    if kind != "ready":
+                        raise RuntimeError(f"the {name} process failed to start:\n{payload}")
+                    infos[name] = payload
+                elif not self.procs[name].is_alive():
+                    raise RuntimeError(f"the {name} process died during start-up "
+                                       f"(exit code {self.procs[name].exitcode})")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server processes not ready after {timeout:.0f}s")
+        return infos
+
+    def dead(self) -> str | None:
+        """Name and exit code of a child that has exited, or None while all run."""
+        for name, p in self.procs.items():
+            if not p.is_alive():
+                return f"{name} (exit code {p.exitcode})"
+        return None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM every child, then SIGKILL those still alive after `timeout` s. Idempotent."""
+        for p in self.procs.values():
+            if p.is_alive():
+                p.terminate()
+        deadline = time.monotonic() + timeout
+        for p in self.procs.values():
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                logger.warning("%s did not stop in %.0fs: killing it", p.name, timeout)
+                p.kill()
+                p.join(2)
+        for conn in self._pipes.values():
+            conn.close()
+        self._pipes.clear()

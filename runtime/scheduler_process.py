@@ -1,0 +1,171 @@
+"""The server's scheduler process: the Scheduler fed from ZeroMQ instead of direct calls.
+
+Inbound (PULL, from the tokenizer manager): one object or a list of them per message, each a
+`TokenizedGenerateReq`, `AbortReq`, `FlushCacheReq`, `GetInfoReq` or `RegisterReq` (the last
+is forwarded to the detokenizer ahead of the request it describes, on the same ordered socket).
+Outbound (PUSH, to the detokenizer): one list per loop iteration, in order: forwarded
+`RegisterReq`s, `InfoOut` / `FlushCacheOut` replies, then a `BatchOutput`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+import zmq
+
+from radixflow.runtime.config import EngineConfig
+from radixflow.runtime.detokenizer_process import RegisterReq
+from radixflow.runtime.io_struct import (
+    AbortReq,
+    BatchOutput,
+    FlushCacheOut,
+    FlushCacheReq,
+    GetInfoReq,
+    InfoOut,
+    ReqOutput,
+    TokenizedGenerateReq,
+)
+from radixflow.runtime.launch import parent_alive, prepare_child
+
+logger = logging.getLogger("radixflow.scheduler")
+
+_IDLE_POLL_MS = 500  # while idle, wake this often to check the parent is alive
+
+
+class _StepLogger:
+    """A log line every `interval` scheduler steps: throughput, batch, hit rate, queue depth."""
+
+    def __init__(self, interval: int) -> None:
+        self.interval = interval
+        self.last_step = 0
+        self.last_time = time.perf_counter()
+        self.last_gen = 0
+        self.last_prompt = 0
+
+    def maybe_log(self, sched: Any) -> None:
+        steps = sched.stats["steps"]
+        if self.interval <= 0 or steps - self.last_step < self.interval:
+            return
+        info = sched.get_info()
+        now = time.perf_counter()
+        dt = max(now - self.last_time, 1e-9)
+        gen = info["generated_tokens"] - self.last_gen
+        prefill = info["computed_prompt_tokens"] - self.last_prompt
+        pool = info["pool_size"]
+        used = pool - info["free_slots"] - info["evictable_slots"]
+        logger.info("steps %d: gen %.1f tok/s, prefill %.1f tok/s, running %d, waiting %d, "
+                    "kv used %.1f%% (cached %d), cache hit rate %.1f%%, retractions %d",
+                    steps, gen / dt, prefill / dt, info["num_running"], info["num_waiting"],
+                    100.0 * used / pool, info["evictable_slots"], 100.0 * info["cache"]["hit_rate"],
+                    info["retractions"])
+        self.last_step, self.last_time = steps, now
+        self.last_gen, self.last_prompt = info["generated_tokens"], info["computed_prompt_tokens"]
+
+
+def run_scheduler_process(config: EngineConfig, model_path: str, in_addr: str, out_addr: str,
+                          log_interval: int, log_level: str, ready: Connection, parent_pid: int) -> None:
+    """Process entry point: build the Scheduler, report ready (with its info, vocab size and
+    model path) and serve until the parent dies or SIGTERM."""
+    prepare_child(parent_pid, log_level)
+    try:
+        from radixflow.runtime.scheduler import Scheduler
+        from radixflow.runtime.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_pretrained(config.tokenizer or model_path)
+        sched = Scheduler(config, model_path, tokenizer)
+        ctx = zmq.Context()
+        pull = ctx.socket(zmq.PULL)
+        pull.setsockopt(zmq.RCVHWM, 0)
+        pull.bind(in_addr)
+        push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.SNDHWM, 0)
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(out_addr)
+    except BaseException:
+        ready.send(("error", traceback.format_exc()))
+        raise
+    ready.send(("ready", {**sched.get_info(), "vocab_size": sched.runner.vocab_size}))
+    ready.close()
+    _serve(sched, pull, push, _StepLogger(log_interval), parent_pid)
+
+
+def _serve(sched: Any, pull: zmq.Socket, push: zmq.Socket, step_log: _StepLogger, parent_pid: int) -> None:
+    while True:
+        busy = sched.has_work()
+        if not pull.poll(0 if busy else _IDLE_POLL_MS) and not busy:
+            if not parent_alive(parent_pid):
+                return
+            continue
+        out: list[Any] = []
+        while True:
+            try:
+                msg = pull.recv_pyobj(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            for item in msg if isinstance(msg, list) else [msg]:
+                _handle(sched, item, out)
+        try:
+            outputs = sched.step() if sched.has_work() else _take_outbox(sched)
+        except Exception:
+            logger.exception("scheduler step failed; failing every request and exiting")
+            _fail_all(sched, push, out)
+            raise
+        if outputs:
+            out.append(BatchOutput(outputs))
+        if out:
+            push.send_pyobj(out)
+        step_log.maybe_log(sched)
+
+
+def _handle(sched: Any, item: Any, out: list[Any]) -> None:
+    if isinstance(item, RegisterReq):
+        out.append(item)
+    elif isinstance(item, TokenizedGenerateReq):
+        try:
+            sched.add_request(item)
+        except Exception as e:  # one bad request must not take the server down
+            logger.exception("add_request(%s) failed", item.rid)
+            _refuse(sched, item, f"internal error: could not queue the request: {type(e).__name__}: {e}")
+    elif isinstance(item, AbortReq):
+        sched.abort_request(item.rid)
+    elif isinstance(item, GetInfoReq):
+        out.append(InfoOut({**sched.get_info(), "scheduler_pid": os.getpid()}))
+    elif isinstance(item, FlushCacheReq):
+        out.append(FlushCacheOut(*sched.flush_cache()))
+    else:
+        logger.error("ignoring unknown message %r", type(item).__name__)
+
+
+def _refuse(sched: Any, item: TokenizedGenerateReq, message: str) -> None:
+    """Answer a request that add_request choked on with an abort, undoing what it queued."""
+    if item.rid in sched.reqs:
+        try:
+            sched.abort_request(item.rid, message)
+        except Exception:
+            logger.exception("could not abort %s", item.rid)
+            sched.reqs.pop(item.rid, None)
+        if any(o.rid == item.rid for o in sched.outbox):
+            return
+    sched.outbox.append(ReqOutput(rid=item.rid, new_token_ids=[], finish_reason={"type": "abort", "message": message},
+                                  prompt_tokens=len(item.input_ids), completion_tokens=0, cached_tokens=0))
+
+
+def _take_outbox(sched: Any) -> list:
+    outputs, sched.outbox = sched.outbox, []
+    return outputs
+
+
+def _fail_all(sched: Any, push: zmq.Socket, out: list[Any]) -> None:
+    """Best effort after a crash: tell every client its request failed before exiting."""
+    for rid in list(sched.reqs):
+        try:
+            sched.abort_request(rid, "internal server error: the scheduler crashed")
+        except Exception:  # the state may be corrupt; the process exits right after
+            logger.exception("could not abort %s", rid)
+    out.append(BatchOutput(_take_outbox(sched)))
+    push.send_pyobj(out)

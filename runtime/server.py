@@ -1,0 +1,197 @@
+"""`radixflow serve`: the HTTP process (FastAPI on uvloop + TokenizerManager) with a scheduler
+process and a detokenizer process (see launch.py for the sockets).
+
+`launch_server(args)` binds the port first (fail fast), starts the children, serves until
+SIGINT/SIGTERM (returns 0) or until a child dies (then /health answers 503 for a moment and it
+returns 1), and always stops the children before returning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+from radixflow.runtime.config import EngineConfig
+from radixflow.runtime.launch import ChildProcesses, IpcAddresses
+
+logger = logging.getLogger("radixflow.server")
+
+_DEATH_GRACE_S = 2.0  # how long /health reports 503 before the server exits after a child died
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    """Options of the HTTP server; `engine` configures the scheduler process.
+
+    `max_waiting_requests`: requests in flight beyond `engine.max_running_requests` before new
+    ones get 503. `max_new_tokens_limit`: None = the context length. `log_interval`: scheduler
+    steps between log lines (0 = off)."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = "127.0.0.1"
+    port: int = 30000  # 0 = any free port (the ready line names it)
+    api_key: str | None = None
+    served_model_name: str | None = None
+    max_waiting_requests: int = 1024
+    max_request_bytes: int = 8 * 1024 * 1024
+    max_n: int = 16
+    max_new_tokens_limit: int | None = None
+    max_top_logprobs: int = 20
+    log_interval: int = 40
+    log_level: str = "info"
+    health_generate_timeout: float = 60.0
+    startup_timeout: float = 900.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must not be empty")
+        for name in ("max_request_bytes", "max_n", "health_generate_timeout", "startup_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_waiting_requests", "max_top_logprobs", "log_interval"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_new_tokens_limit is not None and self.max_new_tokens_limit < 1:
+            raise ValueError("max_new_tokens_limit must be >= 1")
+        if self.log_level not in _LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {_LOG_LEVELS}, got {self.log_level!r}")
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def launch_server(args: ServerArgs) -> int:
+    """Serve until stopped; returns the process exit code. Prints exactly one line to stdout,
+    `radixflow server ready on http://HOST:PORT`, once requests can be served."""
+    from radixflow.runtime.default_model import resolve_model_path
+    from radixflow.runtime.detokenizer_process import run_detokenizer_process
+    from radixflow.runtime.scheduler_process import run_scheduler_process
+    from radixflow.runtime.tokenizer import Tokenizer
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(processName)s %(levelname)s %(message)s")
+    signals: list[int] = []
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise _Interrupted(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupt)
+    # OpenMP threads that spin after each op starve the other two processes on small machines
+    # (measured: 5-10x slower requests on 2 busy cores); children inherit this before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    children = ChildProcesses()
+    ipc_dir = tempfile.mkdtemp(prefix="radixflow-ipc-")
+    sock = None
+    try:
+        sock = _bind(args.host, args.port)
+        model_path = resolve_model_path(args.engine.model)
+        tokenizer_path = args.engine.tokenizer or model_path
+        addrs = IpcAddresses.in_dir(ipc_dir)
+        children.spawn("scheduler", run_scheduler_process, args.engine, model_path, addrs.scheduler,
+                       addrs.detokenizer, args.log_interval, args.log_level)
+        children.spawn("detokenizer", run_detokenizer_process, tokenizer_path, addrs.detokenizer,
+                       addrs.tokenizer, args.log_level)
+        tokenizer = Tokenizer.from_pretrained(tokenizer_path)
+        infos = children.wait_ready(args.startup_timeout)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # from now on: record, and shut down in order
+            signal.signal(sig, lambda signum, frame: signals.append(signum))
+        return _run(_serve(args, model_path, tokenizer, addrs, infos["scheduler"], children, sock, signals))
+    except _Interrupted:
+        return 0
+    except (RuntimeError, OSError, ValueError) as e:
+        logger.error("%s", e)
+        return 1
+    finally:
+        children.stop()
+        if sock is not None:
+            sock.close()
+        shutil.rmtree(ipc_dir, ignore_errors=True)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _run(coro) -> int:
+    try:
+        import uvloop
+    except ImportError:  # Windows
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+async def _serve(args: ServerArgs, model_path: str, tokenizer, addrs: IpcAddresses, sched_info: dict,
+                 children: ChildProcesses, sock: socket.socket, signals: list[int]) -> int:
+    import uvicorn
+
+    from radixflow.runtime.http_server import build_app
+    from radixflow.runtime.tokenizer_manager import TokenizerManager
+
+    tm = TokenizerManager(args, model_path, tokenizer, addrs, sched_info)
+    tm.start()
+    name = args.served_model_name or os.path.basename(os.path.normpath(model_path))
+    app = build_app(tm, args, name)
+    for lg in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(lg).setLevel(max(logging.WARNING, logging.getLevelName(args.log_level.upper())))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
+                                           timeout_graceful_shutdown=3, timeout_keep_alive=30))
+    exit_code = 0
+
+    async def watchdog() -> None:
+        nonlocal exit_code
+        while not server.started and not server.should_exit:
+            await asyncio.sleep(0.02)
+        if server.started:
+            host, port = sock.getsockname()[:2]
+            shown = f"[{host}]" if ":" in host else host
+            print(f"radixflow server ready on http://{shown}:{port}", flush=True)
+        while not server.should_exit:
+            if signals:
+                server.should_exit = True
+                break
+            dead = children.dead()
+            if dead is None and tm.receiver is not None and tm.receiver.done():
+                dead = "the tokenizer manager's receive loop"
+                if not tm.receiver.cancelled() and tm.receiver.exception() is not None:
+                    logger.error("receive loop failed", exc_info=tm.receiver.exception())
+            if dead is not None:
+                logger.error("%s died: the server is unhealthy and exits", dead)
+                tm.unhealthy = f"{dead} died"
+                tm.fail_all(f"the server failed: {dead} died")
+                exit_code = 1
+                await asyncio.sleep(_DEATH_GRACE_S)
+                server.should_exit = True
+                break
+            await asyncio.sleep(0.1)
+        tm.unhealthy = tm.unhealthy or "the server is shutting down"
+        tm.fail_all("the server is shutting down")
+
+    task = asyncio.get_running_loop().create_task(watchdog())
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        task.cancel()
+        await tm.shutdown()
+    return exit_code

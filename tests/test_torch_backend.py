@@ -1,0 +1,258 @@
+"""TorchAttnBackend on hand-built pools and batches vs dense attention over each request's keys.
+
+Decode batches whose requests share prefix slots (as the radix cache hands them out) take the
+cascade path; the rest take padded SDPA. Both must equal dense attention: fp32 within 1e-5.
+Run as a script for a per-layer decode microbenchmark (plain vs cascade).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from radixflow.runtime.attention.torch_backend import (
+    TorchAttnBackend,
+    pad_buckets,
+    shared_prefix_segments,
+)
+from radixflow.runtime.forward_batch import ForwardBatch, ForwardMode
+from radixflow.runtime.memory_pool import KVPool, ReqToTokenPool, TokenAllocator
+
+LAYERS, HEAD_DIM = 2, 16
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, scale: float) -> torch.Tensor:
+    """q (E, Hq, D) at positions prefix.., k/v (prefix + E, Hkv, D) -> (E, Hq * D), float32."""
+    group = q.shape[1] // k.shape[1]
+    e, s = q.shape[0], k.shape[0]
+    mask = torch.arange(s)[None, :] <= prefix + torch.arange(e)[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.float().transpose(0, 1), k.float().repeat_interleave(group, 1).transpose(0, 1),
+        v.float().repeat_interleave(group, 1).transpose(0, 1), attn_mask=mask, scale=scale)
+    return out.transpose(0, 1).reshape(e, -1)
+
+
+class World:
+    """Pools, an allocator and each request's full K/V history per layer (the ground truth)."""
+
+    def __init__(self, kv_heads: int, dtype: torch.dtype = torch.float32, head_dim: int = HEAD_DIM,
+                 layers: int = LAYERS, slots: int = 8192, rows: int = 16, context: int = 1024) -> None:
+        self.dtype, self.head_dim, self.layers = dtype, head_dim, layers
+        self.kv_pool = KVPool(slots, layers, kv_heads, head_dim, dtype)
+        self.r2t = ReqToTokenPool(rows, context)
+        self.alloc = TokenAllocator(slots)
+        self.hist: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.gen = torch.Generator().manual_seed(0)
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.gen).to(self.dtype)
+
+    def add_cached(self, row: int, n: int, share_from: int | None = None, shared: int = 0) -> None:
+        """Pretend `n` tokens of `row` are cached, the first `shared` of them in the same slots as
+        `share_from`'s (a radix-cache hit); the rest in fresh slots."""
+        hkv = self.kv_pool.kv_heads
+        self.hist[row] = [(torch.empty(0, hkv, self.head_dim, dtype=self.dtype),) * 2] * self.layers
+        if shared:
+            self.r2t.write(row, 0, self.r2t.read(share_from, 0, shared))
+            self.hist[row] = [(k[:shared], v[:shared]) for k, v in self.hist[share_from]]
+        slots = self.alloc.alloc(n - shared)
+        self.r2t.write(row, shared, slots)
+        for layer in range(self.layers):
+            k, v = self.randn(n - shared, hkv, self.head_dim), self.randn(n - shared, hkv, self.head_dim)
+            self.kv_pool.k_buffer[layer][slots] = k
+            self.kv_pool.v_buffer[layer][slots] = v
+            old_k, old_v = self.hist[row][layer]
+            self.hist[row][layer] = (torch.cat([old_k, k]), torch.cat([old_v, v]))
+
+    def batch(self, mode: ForwardMode, rows: list[int], extend_lens: list[int] | None = None) -> ForwardBatch:
+        extend_lens = extend_lens or [1] * len(rows)
+        prefix_lens = [self.hist[r][0][0].shape[0] for r in rows]
+        loc = self.alloc.alloc(sum(extend_lens))
+        off = 0
+        for row, p, e in zip(rows, prefix_lens, extend_lens, strict=True):
+            self.r2t.write(row, p, loc[off:off + e])  # the caller's job before the forward
+            off += e
+        return ForwardBatch.build(mode, [0] * sum(extend_lens), rows, prefix_lens, extend_lens, loc, "cpu")
+
+    def run_and_check(self, backend: TorchAttnBackend, batch: ForwardBatch, hq: int) -> None:
+        backend.init_forward_metadata(batch)
+        hkv, T, d = self.kv_pool.kv_heads, batch.num_tokens, self.head_dim
+        for layer in range(self.layers):
+            q, k, v = self.randn(T, hq, d), self.randn(T, hkv, d), self.randn(T, hkv, d)
+            out = backend.forward(q, k, v, layer, batch, d ** -0.5)
+            assert out.shape == (T, hq * d) and out.dtype == self.dtype
+            start = 0
+            for i, row in enumerate(batch.req_pool_indices.tolist()):
+                e, p = batch.extend_lens_cpu[i], batch.prefix_lens_cpu[i]
+                old_k, old_v = self.hist[row][layer]
+                new_k, new_v = torch.cat([old_k, k[start:start + e]]), torch.cat([old_v, v[start:start + e]])
+                self.hist[row][layer] = (new_k, new_v)
+                ref = dense_attention(q[start:start + e], new_k, new_v, p, d ** -0.5)
+                t = TOL[self.dtype]
+                torch.testing.assert_close(out[start:start + e].float(), ref, atol=t, rtol=t)
+                start += e
+
+
+def segment_rows(batch: ForwardBatch) -> list[tuple[list[int], int]]:
+    """The decode plan's shared segments as (sorted pool rows, length)."""
+    rows = batch.req_pool_indices
+    return sorted((sorted(rows[s.rows].tolist()), s.kv_indices.numel()) for s in batch.attn_metadata.segments)
+
+
+HEADS = pytest.mark.parametrize("heads", [(2, 2), (6, 2)], ids=["gqa1", "gqa3"])
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+
+
+@HEADS
+@DTYPES
+def test_decode_without_sharing_is_plain_padded(heads, dtype):
+    hq, hkv = heads
+    world = World(hkv, dtype)
+    backend = TorchAttnBackend(world.kv_pool, world.r2t)
+    rows = [3, 0, 5, 7, 1]
+    for row, n in zip(rows, [300, 5, 21, 12, 7], strict=True):
+        world.add_cached(row, n)
+    for _ in range(2):
+        batch = world.batch(ForwardMode.DECODE, rows)
+        world.run_and_check(backend, batch, hq)
+        meta = batch.attn_metadata
+        assert meta.segments == [] and len(meta.buckets) == 2  # the 300-token request alone
+
+
+@HEADS
+@DTYPES
+def test_cascade_one_group_and_singletons(heads, dtype):
+    hq, hkv = heads
+    world = World(hkv, dtype)
+    backend = TorchAttnBackend(world.kv_pool, world.r2t)
+    world.add_cached(0, 220)
+    for row, n in zip([1, 2, 3], [230, 250, 201], strict=True):
+        world.add_cached(row, n, share_from=0, shared=200)
+    world.add_cached(4, 150)  # singletons: one long, one short, one sharing too little
+    world.add_cached(5, 9)
+    world.add_cached(6, 60, share_from=0, shared=30)
+    rows = [4, 0, 5, 1, 2, 6, 3]
+    for _ in range(3):
+        batch = world.batch(ForwardMode.DECODE, rows)
+        world.run_and_check(backend, batch, hq)
+        assert segment_rows(batch) == [([0, 1, 2, 3], 200)]
+
+
+@HEADS
+def test_cascade_two_groups_and_nesting(heads):
+    hq, hkv = heads
+    world = World(hkv)
+    backend = TorchAttnBackend(world.kv_pool, world.r2t)
+    world.add_cached(0, 110)
+    for row in (1, 2, 9):
+        world.add_cached(row, 100 + 7 * row, share_from=0, shared=100)
+    world.add_cached(3, 330)
+    for row in (4, 5, 6):
+        world.add_cached(row, 300 + row, share_from=3, shared=300)
+    world.add_cached(7, 620, share_from=3, shared=300)  # and 300 more with request 8
+    world.add_cached(8, 630, share_from=7, shared=600)
+    batch = world.batch(ForwardMode.DECODE, [9, *range(9)])
+    world.run_and_check(backend, batch, hq)
+    assert segment_rows(batch) == [([0, 1, 2, 9], 100), ([3, 4, 5, 6, 7, 8], 300), ([7, 8], 300)]
+
+
+@HEADS
+def test_cascade_prefix_is_whole_context_but_one(heads):
+    """Requests whose cached tokens are all shared: each one's suffix is its new token alone."""
+    hq, hkv = heads
+    world = World(hkv)
+    backend = TorchAttnBackend(world.kv_pool, world.r2t)
+    world.add_cached(2, 150)
+    for row in (0, 1, 3):
+        world.add_cached(row, 150, share_from=2, shared=150)
+    batch = world.batch(ForwardMode.DECODE, [0, 1, 2, 3])
+    world.run_and_check(backend, batch, hq)
+    assert segment_rows(batch) == [([0, 1, 2, 3], 150)]
+    assert [b.length for b in batch.attn_metadata.buckets] == [1]
+    world.run_and_check(backend, world.batch(ForwardMode.DECODE, [0, 1, 2, 3]), hq)
+
+
+def test_short_common_header_is_folded_into_each_group():
+    """A template header shorter than the threshold, shared by all, then two long groups: each
+    group's segment starts at position 0."""
+    world = World(1)
+    backend = TorchAttnBackend(world.kv_pool, world.r2t)
+    world.add_cached(0, 12)
+    world.add_cached(1, 400, share_from=0, shared=12)
+    world.add_cached(2, 420, share_from=1, shared=300)
+    world.add_cached(3, 380, share_from=0, shared=12)
+    world.add_cached(4, 390, share_from=3, shared=290)
+    batch = world.batch(ForwardMode.DECODE, [0, 1, 2, 3, 4])
+    world.run_and_check(backend, batch, 3)
+    assert segment_rows(batch) == [([1, 2], 300), ([3, 4], 290)]
+
+
+@HEADS
+def test_extend_then_decode_with_shared_prefixes(heads):
+    hq, hkv = heads
+    world = World(hkv)
+    backend = TorchAttnBackend(world.kv_pool, world.r2t)
+    world.add_cached(0, 0)
+    world.run_and_check(backend, world.batch(ForwardMode.EXTEND, [0], [120]), hq)
+    for row in (1, 2, 3):  # radix hits on request 0's prompt, then their own tokens
+        world.add_cached(row, 100, share_from=0, shared=100)
+    world.run_and_check(backend, world.batch(ForwardMode.EXTEND, [1, 2, 3], [7, 30, 1]), hq)
+    for _ in range(2):
+        batch = world.batch(ForwardMode.DECODE, [0, 1, 2, 3])
+        world.run_and_check(backend, batch, hq)
+        assert segment_rows(batch) == [([0, 1, 2, 3], 100)]
+    # A chunked-prefill continuation next to a decode-like request, in one EXTEND batch.
+    world.run_and_check(backend, world.batch(ForwardMode.EXTEND, [2, 3], [20, 1]), hq)
+
+
+def test_shared_prefix_segments_never_reach_the_last_key():
+    idx = torch.tensor([[5, 6, 7, 8], [5, 6, 7, 9], [5, 6, 7, 8]])
+    segs, starts = shared_prefix_segments(idx, [4, 4, 3], min_prefix=1, call_cost=0)
+    assert sorted((sorted(r), a, b) for r, a, b in segs) == [([0, 1], 2, 3), ([0, 1, 2], 0, 2)]
+    assert starts == [3, 3, 2]
+    segs, starts = shared_prefix_segments(idx, [4, 4, 3], min_prefix=2, call_cost=0)
+    assert [(sorted(r), a, b) for r, a, b in segs] == [([0, 1, 2], 0, 2)] and starts == [2, 2, 2]
+
+
+def test_pad_buckets_is_optimal_for_its_cost():
+    buckets, cost = pad_buckets([10, 300, 12, 11], call_cost=50)
+    assert sorted(map(sorted, buckets)) == [[0, 2, 3], [1]] and cost == 300 + 3 * 12 + 2 * 50
+    buckets, cost = pad_buckets([10, 300, 12, 11], call_cost=1000)
+    assert buckets == [[1, 2, 3, 0]] and cost == 4 * 300 + 1000
+
+
+def benchmark(groups: int = 4, per_group: int = 16, prefix: int = 800, suffix: int = 60,
+              hq: int = 9, hkv: int = 3, head_dim: int = 64, iters: int = 10) -> None:
+    """Per-layer decode time, plain padded SDPA vs cascade, on a shared-prefix batch."""
+    b = groups * per_group
+    world = World(hkv, head_dim=head_dim, layers=1, slots=groups * prefix + b * (suffix + 2),
+                  rows=b, context=prefix + suffix + 2)
+    for g in range(groups):
+        lead = g * per_group
+        world.add_cached(lead, prefix + suffix)
+        for row in range(lead + 1, lead + per_group):
+            world.add_cached(row, prefix + suffix, share_from=lead, shared=prefix)
+    batch = world.batch(ForwardMode.DECODE, list(range(b)))
+    q = world.randn(b, hq, head_dim)
+    outs = {}
+    for name, min_prefix in [("plain", 1 << 30), ("cascade", 64)]:
+        backend = TorchAttnBackend(world.kv_pool, world.r2t, min_shared_prefix=min_prefix)
+        t0 = time.perf_counter()
+        backend.init_forward_metadata(batch)
+        plan = time.perf_counter() - t0
+        outs[name] = backend.forward_decode(q, 0, batch, head_dim ** -0.5)
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            backend.forward_decode(q, 0, batch, head_dim ** -0.5)
+            times.append(time.perf_counter() - t0)
+        print(f"{name:8s} B={b} ctx={prefix + suffix + 1}: plan {plan * 1e3:.2f} ms/step, "
+              f"decode {min(times) * 1e3:.2f} ms/layer (median {sorted(times)[iters // 2] * 1e3:.2f})")
+    print("max |plain - cascade| =", (outs["plain"] - outs["cascade"]).abs().max().item())
+
+
+if __name__ == "__main__":
+    benchmark()
