@@ -197,6 +197,13 @@ def build_app(tm: TokenizerManager, args: ServerArgs, model_name: str) -> FastAP
                 "served_model_name": model_name, "context_length": tm.context_length,
                 "vocab_size": tm.vocab_size}
 
+    @app.get("/get_chat_template")
+    async def get_chat_template() -> dict[str, Any]:
+        """The model's chat template and its end-of-turn stop strings (for the DSL's roles)."""
+        tok = tm.tokenizer
+        return {"chat_template": tok.chat_template, "stop_strings": list(tok.chat_stop_strings),
+                **tok.special_tokens}
+
     @app.get("/get_server_info")
     async def get_server_info() -> dict[str, Any]:
         info = await tm.get_info()

@@ -208,6 +208,11 @@ class Tokenizer:
             return ids[1:]
         return ids
 
+    @property
+    def special_tokens(self) -> dict[str, str | None]:
+        """The named special tokens: bos_token, eos_token, unk_token, pad_token (None if unset)."""
+        return dict(self._special_tokens)
+
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
         """`encode` of each text (in parallel inside the tokenizers library)."""
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]

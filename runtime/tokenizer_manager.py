@@ -231,9 +231,12 @@ class TokenizerManager:
 
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; long texts are tokenized off the event loop."""
+        # A whole prompt keeps a BOS its chat template wrote, without adding a second one.
+        fn = self.tokenizer.encode_prompt if add_special_tokens else (
+            lambda t: self.tokenizer.encode(t, add_special_tokens=False))
         if len(text) > _THREADED_TOKENIZE_CHARS:
-            return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
-        return self.tokenizer.encode(text, add_special_tokens)
+            return await asyncio.to_thread(fn, text)
+        return fn(text)
 
     async def _tokenize(self, prompts: list[str | list[int]], add_special_tokens: bool) -> list[list[int]]:
         out: list[list[int]] = []

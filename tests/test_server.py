@@ -53,6 +53,17 @@ def test_info_endpoints(server, client):
     assert client.get("/health_generate").status_code == 200
 
 
+def test_chat_template_endpoint_renders_like_the_tokenizer(client, tokenizer):
+    info = client.get("/get_chat_template").json()
+    assert info["chat_template"] == tokenizer.chat_template
+    assert "<|im_end|>" in info["stop_strings"] and info["eos_token"] == "<|im_end|>"
+    from radixflow.frontend.chat_template import ChatTemplate
+
+    tpl = ChatTemplate.from_source(info["chat_template"], {"eos_token": info["eos_token"]},
+                                   tuple(info["stop_strings"]), name="server")
+    assert tpl is not None
+
+
 def test_stream_matches_non_stream(client):
     full = client.post("/generate", json={"text": PROMPT, "sampling_params": greedy(8)}).json()
     meta = full["meta_info"]
