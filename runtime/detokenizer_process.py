@@ -10,29 +10,15 @@ from __future__ import annotations
 
 import logging
 import traceback
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
 import zmq
 
-from radixflow.runtime.io_struct import BatchOutput
+from radixflow.runtime.io_struct import BatchOutput, RegisterReq
 from radixflow.runtime.launch import parent_alive, prepare_child
 
 logger = logging.getLogger("radixflow.detokenizer")
-
-
-@dataclass
-class RegisterReq:
-    """How to turn one request's tokens into text. Sent by the tokenizer manager just before
-    the request; the scheduler forwards it, so it always reaches the detokenizer first."""
-
-    rid: str
-    stop: list[str]
-    no_stop_trim: bool = False
-    skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True
-    return_text_in_logprobs: bool = False
 
 
 def run_detokenizer_process(tokenizer_path: str, in_addr: str, out_addr: str, log_level: str,

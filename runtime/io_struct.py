@@ -26,6 +26,19 @@ class TokenizedGenerateReq:
 
 
 @dataclass
+class RegisterReq:
+    """How to turn one request's tokens into text. Sent by the tokenizer manager just before
+    the request; the scheduler forwards it, so it always reaches the detokenizer first."""
+
+    rid: str
+    stop: list[str]
+    no_stop_trim: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    return_text_in_logprobs: bool = False
+
+
+@dataclass
 class AbortReq:
     rid: str
 

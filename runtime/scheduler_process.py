@@ -19,7 +19,6 @@ from typing import Any
 import zmq
 
 from radixflow.runtime.config import EngineConfig
-from radixflow.runtime.detokenizer_process import RegisterReq
 from radixflow.runtime.io_struct import (
     AbortReq,
     BatchOutput,
@@ -27,6 +26,7 @@ from radixflow.runtime.io_struct import (
     FlushCacheReq,
     GetInfoReq,
     InfoOut,
+    RegisterReq,
     ReqOutput,
     TokenizedGenerateReq,
 )

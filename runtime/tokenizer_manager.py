@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any
 import zmq
 import zmq.asyncio
 
-from radixflow.runtime.detokenizer_process import RegisterReq
 from radixflow.runtime.io_struct import (
     AbortReq,
     FlushCacheOut,
     FlushCacheReq,
     GetInfoReq,
     InfoOut,
+    RegisterReq,
     TokenizedGenerateReq,
 )
 from radixflow.runtime.metrics import ServerMetrics
