@@ -39,13 +39,16 @@ class World:
     """Pools, an allocator and each request's full K/V history per layer (the ground truth)."""
 
     def __init__(self, kv_heads: int, dtype: torch.dtype = torch.float32, head_dim: int = HEAD_DIM,
-                 layers: int = LAYERS, slots: int = 8192, rows: int = 16, context: int = 1024) -> None:
+                 layers: int = LAYERS, slots: int = 8192, rows: int = 16, context: int = 1024,
+                 scatter: bool = False) -> None:
         self.dtype, self.head_dim, self.layers = dtype, head_dim, layers
         self.kv_pool = KVPool(slots, layers, kv_heads, head_dim, dtype)
         self.r2t = ReqToTokenPool(rows, context)
         self.alloc = TokenAllocator(slots)
-        self.hist: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.gen = torch.Generator().manual_seed(0)
+        if scatter:  # no two consecutive tokens in consecutive slots
+            self.alloc._free = self.alloc._free[torch.randperm(slots, generator=self.gen)]
+        self.hist: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def randn(self, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=self.gen).to(self.dtype)
@@ -97,9 +100,13 @@ class World:
 
 
 def segment_rows(batch: ForwardBatch) -> list[tuple[list[int], int]]:
-    """The decode plan's shared segments as (sorted pool rows, length)."""
-    rows = batch.req_pool_indices
-    return sorted((sorted(rows[s.rows].tolist()), s.kv_indices.numel()) for s in batch.attn_metadata.segments)
+    """The decode plan's shared segments as (sorted pool rows, length), the parts of a segment
+    read in place run by run summed up."""
+    rows, total = batch.req_pool_indices, {}
+    for s in batch.attn_metadata.segments:
+        key = tuple(sorted(rows[s.rows].tolist()))
+        total[key] = total.get(key, 0) + s.kv_indices.numel()
+    return sorted((list(k), n) for k, n in total.items())
 
 
 HEADS = pytest.mark.parametrize("heads", [(2, 2), (6, 2)], ids=["gqa1", "gqa3"])
@@ -139,12 +146,16 @@ def test_cascade_one_group_and_singletons(heads, dtype):
         batch = world.batch(ForwardMode.DECODE, rows)
         world.run_and_check(backend, batch, hq)
         assert segment_rows(batch) == [([0, 1, 2, 3], 200)]
+        # Consecutive slots are read in place from an fp32 pool; others are gathered.
+        (seg,) = batch.attn_metadata.segments
+        assert (seg.in_place is not None) == (dtype == torch.float32)
 
 
 @HEADS
-def test_cascade_two_groups_and_nesting(heads):
+@pytest.mark.parametrize("scatter", [False, True], ids=["runs", "scattered"])
+def test_cascade_two_groups_and_nesting(heads, scatter):
     hq, hkv = heads
-    world = World(hkv)
+    world = World(hkv, scatter=scatter)
     backend = TorchAttnBackend(world.kv_pool, world.r2t)
     world.add_cached(0, 110)
     for row in (1, 2, 9):
@@ -157,6 +168,26 @@ def test_cascade_two_groups_and_nesting(heads):
     batch = world.batch(ForwardMode.DECODE, [9, *range(9)])
     world.run_and_check(backend, batch, hq)
     assert segment_rows(batch) == [([0, 1, 2, 9], 100), ([3, 4, 5, 6, 7, 8], 300), ([7, 8], 300)]
+    assert all((s.in_place is None) == scatter for s in batch.attn_metadata.segments)
+
+
+@pytest.mark.parametrize("second_run", [300, 40])
+def test_segment_over_two_slot_runs(second_run):
+    """A shared prefix stored in two runs of consecutive slots: each long run is read in place
+    as a segment of its own; with a short run, the whole prefix is gathered instead."""
+    world = World(3)
+    backend = TorchAttnBackend(world.kv_pool, world.r2t)
+    world.add_cached(0, 300)
+    world.alloc.alloc(7)  # a gap: request 1's own tokens do not continue request 0's run
+    world.add_cached(1, 300 + second_run + 5, share_from=0, shared=300)
+    for row in (2, 3):
+        world.add_cached(row, 300 + second_run + 9, share_from=1, shared=300 + second_run)
+    batch = world.batch(ForwardMode.DECODE, [1, 2, 3])  # not request 0
+    world.run_and_check(backend, batch, 6)
+    assert segment_rows(batch) == [([1, 2, 3], 300 + second_run)]
+    in_place = [s.in_place for s in batch.attn_metadata.segments]
+    assert len(in_place) == (2 if second_run == 300 else 1)
+    assert all((s is None) == (second_run == 40) for s in in_place)
 
 
 @HEADS
@@ -224,33 +255,43 @@ def test_pad_buckets_is_optimal_for_its_cost():
     assert buckets == [[1, 2, 3, 0]] and cost == 4 * 300 + 1000
 
 
-def benchmark(groups: int = 4, per_group: int = 16, prefix: int = 800, suffix: int = 60,
-              hq: int = 9, hkv: int = 3, head_dim: int = 64, iters: int = 10) -> None:
-    """Per-layer decode time, plain padded SDPA vs cascade, on a shared-prefix batch."""
+def benchmark(groups: int = 4, per_group: int = 16, prefix: int = 800, suffix: int = 60, hq: int = 9,
+              hkv: int = 3, head_dim: int = 64, layers: int = 6, slots: int = 40000, reps: int = 5) -> None:
+    """Per-layer decode time, plain padded SDPA vs cascade, on a shared-prefix batch laid out as
+    in the engine: each group's prefix in consecutive slots (one prefill), the rest scattered
+    over a pool larger than the caches, layers visited in turn."""
     b = groups * per_group
-    world = World(hkv, head_dim=head_dim, layers=1, slots=groups * prefix + b * (suffix + 2),
-                  rows=b, context=prefix + suffix + 2)
-    for g in range(groups):
-        lead = g * per_group
-        world.add_cached(lead, prefix + suffix)
-        for row in range(lead + 1, lead + per_group):
-            world.add_cached(row, prefix + suffix, share_from=lead, shared=prefix)
-    batch = world.batch(ForwardMode.DECODE, list(range(b)))
-    q = world.randn(b, hq, head_dim)
+    gen = torch.Generator().manual_seed(0)
+    pool = KVPool(slots, layers, hkv, head_dim, torch.float32)
+    for layer in range(layers):
+        pool.k_buffer[layer].normal_(generator=gen)
+        pool.v_buffer[layer].normal_(generator=gen)
+    r2t = ReqToTokenPool(b, prefix + suffix + 2)
+    scattered = groups * prefix + 1 + torch.randperm(slots - groups * prefix, generator=gen)
+    for row in range(b):
+        g = row // per_group
+        r2t.write(row, 0, torch.arange(g * prefix + 1, (g + 1) * prefix + 1))
+        r2t.write(row, prefix, scattered[row * (suffix + 1):(row + 1) * (suffix + 1)])
+    batch = ForwardBatch.build(ForwardMode.DECODE, [0] * b, list(range(b)), [prefix + suffix] * b, [1] * b,
+                               r2t.req_to_token[:, prefix + suffix].long(), "cpu")
+    q = torch.randn(b, hq, head_dim, generator=gen)
     outs = {}
     for name, min_prefix in [("plain", 1 << 30), ("cascade", 64)]:
-        backend = TorchAttnBackend(world.kv_pool, world.r2t, min_shared_prefix=min_prefix)
-        t0 = time.perf_counter()
-        backend.init_forward_metadata(batch)
-        plan = time.perf_counter() - t0
-        outs[name] = backend.forward_decode(q, 0, batch, head_dim ** -0.5)
-        times = []
-        for _ in range(iters):
+        backend = TorchAttnBackend(pool, r2t, min_shared_prefix=min_prefix)
+        plans = []
+        for _ in range(3):
             t0 = time.perf_counter()
-            backend.forward_decode(q, 0, batch, head_dim ** -0.5)
-            times.append(time.perf_counter() - t0)
+            backend.init_forward_metadata(batch)
+            plans.append(time.perf_counter() - t0)
+        plan = min(plans)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for layer in range(layers):
+                outs[name] = backend.forward_decode(q, layer, batch, head_dim ** -0.5)
+            times.append((time.perf_counter() - t0) / layers)
         print(f"{name:8s} B={b} ctx={prefix + suffix + 1}: plan {plan * 1e3:.2f} ms/step, "
-              f"decode {min(times) * 1e3:.2f} ms/layer (median {sorted(times)[iters // 2] * 1e3:.2f})")
+              f"decode {min(times) * 1e3:.2f} ms/layer (median {sorted(times)[reps // 2] * 1e3:.2f})")
     print("max |plain - cascade| =", (outs["plain"] - outs["cascade"]).abs().max().item())
 
 

@@ -1,9 +1,11 @@
 """Portable attention on PyTorch, reading K/V from the token-level pool.
 
 Decode is cascade attention when requests share long prefixes (the radix cache gives them the
-same KV slots): each shared prefix is gathered once and attended by all of its requests in one
-matmul, each request's own suffix is attended separately, and the partial results are merged
-by their log-sum-exp. Exact up to float rounding; the plan is made once per step."""
+same KV slots): each shared prefix is read once (in place when its slots are consecutive) and
+attended by all of its requests in one matmul, each request's own suffix is attended
+separately, and the partial results are merged by their log-sum-exp. Exact up to float
+rounding. Otherwise decode is padded SDPA over buckets of similar lengths. The plan is made
+once per step, in init_forward_metadata, and shared by all layers."""
 
 from __future__ import annotations
 
@@ -31,11 +33,12 @@ class _Bucket:
     """Requests whose own keys (from their suffix start to seq_len) are attended together,
     padded to the longest of them."""
 
-    rows: torch.Tensor | None  # int64 (b,) batch positions; None: the whole batch, in order
+    rows: torch.Tensor | None  # int64 (b,) batch positions; None (plain path): the whole batch, in order
     kv_indices: torch.Tensor  # int64 (b * length,) pool slots, row-major (b, length)
     length: int
     mask: torch.Tensor | None  # plain path: bool (b, 1, 1, length); None when nothing is padded
     bias: torch.Tensor | None  # cascade path: fp32 (Hkv * b, 1, length), 0 or -inf; None likewise
+    head_rows: torch.Tensor | None  # cascade path: int64 (Hkv * b * length,), see _head_rows
 
 
 @dataclass
@@ -44,6 +47,8 @@ class _Segment:
 
     rows: torch.Tensor  # int64 (M,) batch positions, M >= 2
     kv_indices: torch.Tensor  # int64 (P,) pool slots
+    head_rows: torch.Tensor | None  # int64 (Hkv * P,) to gather (see _head_rows), or None and
+    in_place: slice | None  # the slots are consecutive, this range of the pool: read in place
 
 
 @dataclass
@@ -154,15 +159,26 @@ class TorchAttnBackend(AttentionBackend):
         torch.index_select(vb, 0, idx, out=v)
         return k, v
 
-    def _gather_heads(self, layer_id: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Like _gather, but fp32 and head-major, (Hkv, n, D), so batched matmuls need no copy."""
-        k, v = self._gather(layer_id, idx)
-        n, hkv, d = k.shape
-        kh = self._workspace("kh", (hkv, n, d), torch.float32, k.device)
-        vh = self._workspace("vh", (hkv, n, d), torch.float32, k.device)
-        kh.copy_(k.transpose(0, 1))
-        vh.copy_(v.transpose(0, 1))
-        return kh, vh
+    def _head_rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """Rows of the pool viewed as (slots * Hkv, D) holding `slots` (n,), head-major (Hkv * n,)."""
+        hkv = self.kv_pool.kv_heads
+        return (slots[None, :] * hkv + torch.arange(hkv, device=slots.device)[:, None]).view(-1)
+
+    def _gather_heads(self, layer_id: int, head_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of `head_rows` (from _head_rows of n slots), fp32, head-major (Hkv, n, D): one
+        gather, laid out so that batched matmuls need no copy."""
+        kb, vb = self.kv_pool.k_buffer[layer_id], self.kv_pool.v_buffer[layer_id]
+        hkv, d = kb.shape[1:]
+        shape = (hkv, head_rows.numel() // hkv, d)
+        out = []
+        for name, buf in (("kh", kb), ("vh", vb)):
+            ws = self._workspace(name, shape, torch.float32, kb.device)
+            if buf.dtype == torch.float32:
+                torch.index_select(buf.view(-1, d), 0, head_rows, out=ws.view(-1, d))
+            else:
+                ws.copy_(buf.view(-1, d).index_select(0, head_rows).view(shape))
+            out.append(ws)
+        return out[0], out[1]
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         r2t = self.req_to_token_pool.req_to_token
@@ -192,10 +208,22 @@ class TorchAttnBackend(AttentionBackend):
                 suffix, suffix_cost = pad_buckets([n - s for n, s in zip(lens, starts)])
                 cost = suffix_cost + sum(end - start + _CALL_COST_ROWS for _, start, end in segs)
                 if cost < plain_cost:
-                    segments = [_Segment(self._index(r, idx.device), idx[r[0], start:end])
-                                for r, start, end in segs]
+                    segments = [seg for r, start, end in segs
+                                for seg in self._segments(self._index(r, idx.device), idx[r[0], start:end])]
                     return _DecodeMeta(self._buckets(idx, lens, starts, suffix, True), segments)
         return _DecodeMeta(self._buckets(idx, lens, [0] * len(lens), plain, False), [])
+
+    def _segments(self, rows: torch.Tensor, slots: torch.Tensor) -> list[_Segment]:
+        """One gathered segment, or (fp32 pool) one per run of consecutive slots when every run
+        is worth an attention call of its own: the radix cache stores a prefill's tokens in
+        consecutive slots, and reading them in place skips the copy."""
+        if self.kv_pool.dtype == torch.float32:
+            cuts = [0, *((slots[1:] - slots[:-1] != 1).nonzero().view(-1) + 1).tolist(), slots.numel()]
+            if len(cuts) == 2 or min(b - a for a, b in zip(cuts, cuts[1:])) >= _CALL_COST_ROWS:
+                first = slots[cuts[:-1]].tolist()
+                return [_Segment(rows, slots[a:b], None, slice(f, f + b - a))
+                        for f, a, b in zip(first, cuts, cuts[1:])]
+        return [_Segment(rows, slots, self._head_rows(slots), None)]
 
     @staticmethod
     def _index(rows: list[int], device: torch.device) -> torch.Tensor:
@@ -214,15 +242,17 @@ class TorchAttnBackend(AttentionBackend):
             valid = pos[None, :] < n[:, None]  # (b, length)
             cols = (start[:, None] + pos[None, :]).clamp_(max=idx.shape[1] - 1)
             kv = torch.where(valid, idx[rows[:, None], cols], 0).view(-1)
-            mask = bias = None
+            mask = bias = head_rows = None
+            if cascade:
+                head_rows = self._head_rows(kv)
             if not bool(valid.all()):
                 if cascade:
                     bias = torch.zeros(valid.shape, device=dev).masked_fill_(~valid, float("-inf"))
                     bias = bias[None].expand(hkv, -1, -1).reshape(-1, 1, length)
                 else:
                     mask = valid.view(len(g), 1, 1, length)
-            whole = g == list(range(len(lens)))
-            out.append(_Bucket(None if whole else rows, kv, length, mask, bias))
+            whole = not cascade and g == list(range(len(lens)))
+            out.append(_Bucket(None if whole else rows, kv, length, mask, bias, head_rows))
         return out
 
     def forward_extend(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch,
@@ -267,32 +297,31 @@ class TorchAttnBackend(AttentionBackend):
 
     def _cascade_decode(self, q: torch.Tensor, layer_id: int, meta: _DecodeMeta,
                         scale: float) -> torch.Tensor:
-        B, H, D = q.shape
+        B, H, D = q.shape  # (B, H, D)
         Hkv = self.kv_pool.kv_heads
         G = H // Hkv
+        assert G * Hkv == H and D == self.kv_pool.head_dim, (q.shape, Hkv)
         # Scaled fp32 queries, head-major: (Hkv, B, G, D).
         qh = (q.to(torch.float32) * scale).view(B, Hkv, G, D).transpose(0, 1).contiguous()
-        # Suffixes: every request has one (its last key at least); start the running (out, lse).
-        if meta.buckets[0].rows is None:
-            bk = meta.buckets[0]
-            k, v = self._gather_heads(layer_id, bk.kv_indices)
-            o, lse = _attend(qh.view(Hkv * B, G, D), k.view(Hkv * B, bk.length, D),
-                             v.view(Hkv * B, bk.length, D), bk.bias)
-            acc_o, acc_lse = o.view(Hkv, B, G, D), lse.view(Hkv, B, G, 1)
-        else:
-            acc_o = torch.empty_like(qh)
-            acc_lse = torch.empty((Hkv, B, G, 1), dtype=torch.float32, device=q.device)
-            for bk in meta.buckets:
-                b = bk.rows.numel()
-                k, v = self._gather_heads(layer_id, bk.kv_indices)
-                o, lse = _attend(qh.index_select(1, bk.rows).view(Hkv * b, G, D),
-                                 k.view(Hkv * b, bk.length, D), v.view(Hkv * b, bk.length, D), bk.bias)
-                acc_o.index_copy_(1, bk.rows, o.view(Hkv, b, G, D))
-                acc_lse.index_copy_(1, bk.rows, lse.view(Hkv, b, G, 1))
+        # Suffixes: every request has one (its last key at least); they start the running
+        # (out, lse) of each request, to which each shared segment is merged.
+        acc_o = torch.empty_like(qh)
+        acc_lse = torch.empty((Hkv, B, G, 1), dtype=torch.float32, device=q.device)
+        for bk in meta.buckets:
+            b = bk.rows.numel()
+            k, v = self._gather_heads(layer_id, bk.head_rows)  # (Hkv, b * L, D)
+            o, lse = _attend(qh.index_select(1, bk.rows).view(Hkv * b, G, D),
+                             k.view(Hkv * b, bk.length, D), v.view(Hkv * b, bk.length, D), bk.bias)
+            acc_o.index_copy_(1, bk.rows, o.view(Hkv, b, G, D))
+            acc_lse.index_copy_(1, bk.rows, lse.view(Hkv, b, G, 1))
         # Shared segments: all their requests' queries against the keys gathered once.
         for seg in meta.segments:
             m = seg.rows.numel()
-            k, v = self._gather_heads(layer_id, seg.kv_indices)  # (Hkv, P, D)
+            if seg.in_place is not None:  # views of the pool, (Hkv, P, D)
+                k = self.kv_pool.k_buffer[layer_id][seg.in_place].transpose(0, 1)
+                v = self.kv_pool.v_buffer[layer_id][seg.in_place].transpose(0, 1)
+            else:
+                k, v = self._gather_heads(layer_id, seg.head_rows)  # (Hkv, P, D)
             o, lse = _attend(qh.index_select(1, seg.rows).view(Hkv, m * G, D), k, v, None)
             o1, lse1 = acc_o.index_select(1, seg.rows), acc_lse.index_select(1, seg.rows)
             o2, lse2 = o.view(Hkv, m, G, D), lse.view(Hkv, m, G, 1)
@@ -312,6 +341,6 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kt = k.transpose(1, 2)
     s = torch.bmm(q, kt) if bias is None else torch.baddbmm(bias, q, kt)  # (N, R, L)
     mx = s.amax(-1, keepdim=True)
-    s.sub_(mx).exp_()
-    z = s.sum(-1, keepdim=True)
-    return torch.bmm(s, v).div_(z), z.log_().add_(mx)
+    p = torch.softmax(s, -1)  # one fused pass; its largest entry is exp(mx - lse), in [1/L, 1]
+    lse = p.amax(-1, keepdim=True).log_().neg_().add_(mx)
+    return torch.bmm(p, v), lse
