@@ -25,18 +25,19 @@ def sentence(rng: random.Random, n_words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n_words))
 
 
-def ideal_hits(prompts: list[list[int]]) -> int:
-    """Tokens an infinite cache could serve: longest prefix shared with any earlier prompt
-    (at least one token of each prompt is computed)."""
+def ideal_hits(sent: list[tuple[list[int], list[int]]]) -> int:
+    """Tokens an infinite cache could serve: for each prompt (in submission order), the longest
+    prefix shared with an earlier prompt + its output (at least one token is computed)."""
     import torch
 
     from radixflow.radix import RadixCache
 
     tree, nxt, total = RadixCache(lambda s: None), 1, 0
-    for p in prompts:
-        total += min(tree.match_prefix(p).length, len(p) - 1)
-        tree.insert(p, torch.arange(nxt, nxt + len(p)))
-        nxt += len(p)
+    for prompt, output in sent:
+        total += min(tree.match_prefix(prompt).length, len(prompt) - 1)
+        seq = prompt + output
+        tree.insert(seq, torch.arange(nxt, nxt + len(seq)))
+        nxt += len(seq)
     return total
 
 
