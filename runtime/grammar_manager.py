@@ -115,9 +115,11 @@ class GrammarManager:
                 req.output_ids[req.sent_len:], forced,
                 lambda s: self.tokenizer.encode(s, add_special_tokens=False),
                 lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))
+            # After the re-prefill the request samples one more token, so the forced tokens
+            # must leave room for it within max_new_tokens; otherwise decode normally.
             budget = req.params.max_new_tokens - (len(req.output_ids) - k)
-            if not new_ids or len(new_ids) > budget:
-                continue  # would overrun max_new_tokens: decode normally
+            if not new_ids or len(new_ids) >= budget:
+                continue
             if not req.grammar.accept_string(forced):
                 continue
             sched.requeue(req)
