@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+GEMM_BACKENDS = ("auto", "torch", "openblas")
 SCHEDULE_POLICIES = ("lpm", "dfs-weight", "fcfs")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -39,6 +40,7 @@ class EngineConfig:
     grammar_compile_timeout: float = 30.0
     disable_jump_forward: bool = False
     num_threads: int | None = None  # torch CPU threads; None = leave as is
+    cpu_gemm: str = "auto"  # fp32 CPU matmuls: auto (timed at load) | torch | openblas
     random_seed: int = 0
     stream_interval: int = 1
 
@@ -48,6 +50,8 @@ class EngineConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.cpu_gemm not in GEMM_BACKENDS:
+            raise ValueError(f"cpu_gemm must be one of {GEMM_BACKENDS}, got {self.cpu_gemm!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if not 0 < self.mem_fraction <= 1:

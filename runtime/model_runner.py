@@ -10,6 +10,7 @@ import time
 import torch
 from safetensors import safe_open
 
+from radixflow.runtime import cpu_gemm
 from radixflow.runtime.attention.base import AttentionBackend
 from radixflow.runtime.config import EngineConfig
 from radixflow.runtime.forward_batch import ForwardBatch
@@ -71,6 +72,8 @@ class ModelRunner:
         self.model = model.to(self.dtype).eval()
         # The rope cache is a buffer: build it for real after the cast, so it stays fp32.
         self.model.rope = RotaryEmbedding(mc, self.context_length, fused).to(self.device)
+        self.gemm_backend = self._choose_gemm(config.cpu_gemm)
+        self.model.set_gemm_backend(self.gemm_backend)
 
         self.req_to_token_pool = ReqToTokenPool(config.max_running_requests + 1, self.context_length,
                                                 self.device)
@@ -78,9 +81,17 @@ class ModelRunner:
                               self.dtype, self.device)
         self.allocator = TokenAllocator(self.num_slots)
         self.attn_backend = self._make_backend(backend)
-        logger.info("model loaded in %.2fs: %s, %d KV slots, context %d, %s on %s",
+        logger.info("model loaded in %.2fs: %s, %d KV slots, context %d, %s on %s, %s GEMMs",
                     time.perf_counter() - t0, mc.architecture, self.num_slots, self.context_length,
-                    self.dtype, self.device)
+                    self.dtype, self.device, self.gemm_backend)
+
+    def _choose_gemm(self, pref: str) -> str:
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            return "torch"
+        if pref != "auto":
+            return pref
+        mlp = self.model.layers[0].mlp.gate_up_proj.weight  # the largest per-layer weight
+        return cpu_gemm.probe(mlp)
 
     def _pool_size(self, mc: ModelConfig, ctx: int) -> int:
         per_token = KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)

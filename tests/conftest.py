@@ -6,6 +6,10 @@ import os
 
 import pytest
 
+# As in users' programs that import radixflow first: it sets OMP_WAIT_POLICY before torch loads,
+# which decides whether the CPU matmuls may run on OpenBLAS (runtime/cpu_gemm.py).
+import radixflow  # noqa: F401
+
 # Keep the two CI cores for the engine; tokenizers' own thread pool only competes with it.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -90,6 +90,25 @@ def test_prefill_logits_match_hf(engine, hf_model, prompt_ids):
             assert max(abs(a[0] - b) for a, b in zip(tops[pos], vals.tolist())) < 1e-3
 
 
+@pytest.mark.parametrize("gemm", ["torch", "openblas"])
+def test_each_cpu_gemm_backend_matches_hf(default_model_path, hf_model, prompt_ids, hf_outputs, gemm):
+    """Both BLAS paths (runtime/cpu_gemm.py) give HF's greedy tokens and prefill logits."""
+    from radixflow.runtime.engine import Engine
+
+    with Engine(default_model_path, max_total_tokens=2048, max_running_requests=4, cpu_gemm=gemm) as eng:
+        assert eng.scheduler.runner.gemm_backend == gemm
+        res = eng.generate(input_ids=prompt_ids[:3], sampling_params=GREEDY)
+        assert [r["output_ids"] for r in res] == hf_outputs[:3]
+        ids = prompt_ids[4]
+        r = eng.generate(input_ids=ids, sampling_params={"max_new_tokens": 0}, return_logprob=True,
+                         logprob_start_len=0)
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    want = ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    ours = torch.tensor([e[0] for e in r["meta_info"]["input_token_logprobs"][1:]])
+    assert (ours - want).abs().max() < 1e-3
+
+
 # ---- small random checkpoints of other Llama-family architectures (no downloads) ------------
 
 def _make_checkpoint(tmp_path, kind: str, tokenizer_dir: str) -> str:

@@ -10,8 +10,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from radixflow.runtime.attention.base import AttentionBackend
+from radixflow.runtime.cpu_gemm import numpy_view_t, openblas_linear
 from radixflow.runtime.forward_batch import ForwardBatch
 from radixflow.runtime.model_config import ModelConfig
+
+
+class Linear(nn.Linear):
+    """nn.Linear that can run on numpy's OpenBLAS instead of torch's BLAS (see cpu_gemm)."""
+
+    _wt = None  # (in, out) numpy view of the weight when the OpenBLAS path is on
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._wt is not None:
+            return openblas_linear(x, self._wt, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -26,7 +38,9 @@ class RMSNorm(nn.Module):
             from radixflow.kernels.rmsnorm import rmsnorm
 
             return rmsnorm(x, self.weight, self.eps)
-        # Computed in fp32 and cast back, as Hugging Face does, so fp32 results match exactly.
+        if x.dtype == torch.float32:  # one fused op; the same arithmetic as below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # Computed in fp32 and cast back, as Hugging Face does.
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -69,20 +83,30 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_cache", emb.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # q: (T, Hq, D), k: (T, Hkv, D)
-        if self.fused:
-            from radixflow.kernels.rotary import rotary
+        """Fused path: rotate q (T, Hq, D) and k (T, Hkv, D) with the Triton kernel."""
+        from radixflow.kernels.rotary import rotary
 
-            half = q.shape[-1] // 2  # the cache repeats its halves: (max_pos, D) viewed as (max_pos, D/2)
-            return rotary(q, k, positions, self.cos_cache[:, :half], self.sin_cache[:, :half])
-        cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        half = q.shape[-1] // 2  # the cache repeats its halves: (max_pos, D) viewed as (max_pos, D/2)
+        return rotary(q, k, positions, self.cos_cache[:, :half], self.sin_cache[:, :half])
 
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin), each (T, 1, D), for `apply`; computed once per forward, not per layer."""
+        cached = self._cos_sin
+        if cached is not None and cached[0] is positions and cached[1].dtype == dtype:
+            return cached[1], cached[2]
+        half = self.cos_cache.shape[-1] // 2
+        cos = self.cos_cache[positions].unsqueeze(1).to(dtype)
+        sin = self.sin_cache[positions].unsqueeze(1).to(dtype)
+        sin[..., :half].neg_()  # rotate_half(x) * sin == roll(x, half) * signed_sin
+        self._cos_sin = (positions, cos, sin)
+        return cos, sin
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+    def apply(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Rotate x (T, heads, D): x * cos + rotate_half(x) * sin, as Hugging Face does."""
+        cos, sin = self.cos_sin(positions, x.dtype)
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
+
+    _cos_sin: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 class Attention(nn.Module):
@@ -93,19 +117,22 @@ class Attention(nn.Module):
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         # Fused q/k/v: one matmul instead of three (the weights are concatenated at load).
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
         self.scale = cfg.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding,
                 backend: AttentionBackend) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        T = x.shape[0]
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.reshape(T, self.num_kv_heads, self.head_dim)
-        q, k = rope(batch.positions, q, k)
+        T, H, Hkv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        v = qkv[:, self.q_size + self.kv_size:].view(T, Hkv, D)
+        if rope.fused:
+            q = qkv[:, :self.q_size].view(T, H, D)
+            k = qkv[:, self.q_size:self.q_size + self.kv_size].view(T, Hkv, D)
+            q, k = rope(batch.positions, q, k)
+        else:  # q and k rotated together: one set of elementwise ops instead of two
+            qk = rope.apply(batch.positions, qkv[:, :self.q_size + self.kv_size].view(T, H + Hkv, D))
+            q, k = qk[:, :H], qk[:, H:]
         out = backend.forward(q, k, v, self.layer_id, batch, self.scale)
         return self.o_proj(out)
 
@@ -115,8 +142,8 @@ class MLP(nn.Module):
         super().__init__()
         self.fused = fused
         self.inter = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
@@ -124,7 +151,7 @@ class MLP(nn.Module):
 
             return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate).mul_(up))
 
 
 class DecoderLayer(nn.Module):
@@ -157,7 +184,7 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, backend: AttentionBackend) -> torch.Tensor:
@@ -169,8 +196,23 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, hidden) -> fp32 logits (N, vocab)."""
-        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, w).float()
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
+        if self._embed_wt is not None:
+            return openblas_linear(hidden, self._embed_wt)
+        return F.linear(hidden, self.embed_tokens.weight).float()
+
+    _embed_wt = None  # numpy view of the tied embedding's transpose, on the OpenBLAS path
+
+    def set_gemm_backend(self, name: str) -> None:
+        """'openblas': every linear (and the tied lm_head) runs on numpy's BLAS; 'torch': on
+        torch's. Call after the weights are loaded and cast; weights that are not contiguous
+        fp32 CPU tensors stay on torch."""
+        assert name in ("torch", "openblas"), name
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m._wt = numpy_view_t(m.weight) if name == "openblas" else None
+        self._embed_wt = numpy_view_t(self.embed_tokens.weight) if name == "openblas" else None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load Hugging Face-named tensors, fusing q/k/v and gate/up; every parameter must be set."""
