@@ -3,7 +3,9 @@
 Workload: N requests of random token prompts (50-600 tokens) and output lengths (16-256,
 ignore_eos). Hugging Face runs in batches of --batch-size (left-padded, each batch decoding to
 its longest output); radixflow runs with max_running_requests = --batch-size. Throughput counts
-only the requested output tokens. Also measures batch-1 decode speed of both.
+only the requested output tokens. Also measures batch-1 decode speed of both. Each system runs
+in its own fresh process with its own best settings (radixflow sets OMP_WAIT_POLICY=PASSIVE
+on import and may pick OpenBLAS for its matmuls; Hugging Face keeps torch's defaults).
 
     python benchmarks/offline_throughput.py            # the full 200-request run
     python benchmarks/offline_throughput.py --num 48   # a quicker one
@@ -12,10 +14,11 @@ only the requested output tokens. Also measures batch-1 decode speed of both.
 from __future__ import annotations
 
 import argparse
+import json
 import random
+import subprocess
+import sys
 import time
-
-import torch
 
 
 def workload(num: int, seed: int) -> tuple[list[list[int]], list[int]]:
@@ -25,7 +28,7 @@ def workload(num: int, seed: int) -> tuple[list[list[int]], list[int]]:
     return prompts, outs
 
 
-def run_radixflow(path: str, prompts, outs, batch: int) -> float:
+def run_radixflow(path: str, prompts, outs, batch: int) -> tuple[float, str]:
     from radixflow.runtime.engine import Engine
 
     with Engine(path, max_running_requests=batch, max_total_tokens=batch * 900 + 4096) as eng:
@@ -36,10 +39,12 @@ def run_radixflow(path: str, prompts, outs, batch: int) -> float:
         res = eng.generate(input_ids=prompts, sampling_params=params)
         dt = time.perf_counter() - t
         assert [r["meta_info"]["completion_tokens"] for r in res] == outs
-    return dt
+        return dt, eng.scheduler.runner.gemm_backend
 
 
 def run_hf(model, prompts, outs, batch: int) -> float:
+    import torch
+
     t = time.perf_counter()
     for i in range(0, len(prompts), batch):
         ps, os_ = prompts[i:i + batch], outs[i:i + batch]
@@ -69,6 +74,8 @@ def batch1_decode_radixflow(path: str, n: int = 128) -> float:
 
 
 def batch1_decode_hf(model, n: int = 128) -> float:
+    import torch
+
     ids = torch.tensor([[6403, 1980, 253, 655]])
     with torch.no_grad():
         model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
@@ -80,35 +87,56 @@ def batch1_decode_hf(model, n: int = 128) -> float:
         return (n - 1) / (time.perf_counter() - t - prefill)
 
 
+def measure(system: str, num: int, batch: int, seed: int) -> dict:
+    """Run one system in this process; returns {"dt": seconds, "batch1": tok/s, "info": str}."""
+    if system == "radixflow":
+        import radixflow  # noqa: F401  (before torch: its thread settings)
+    import torch
+
+    from radixflow.runtime.default_model import resolve_model_path
+
+    path = resolve_model_path(None)
+    prompts, outs = workload(num, seed)
+    if system == "radixflow":
+        dt, gemm = run_radixflow(path, prompts, outs, batch)
+        return {"dt": dt, "batch1": batch1_decode_radixflow(path), "info": f"{gemm} matmuls"}
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return {"dt": run_hf(hf, prompts, outs, batch), "batch1": batch1_decode_hf(hf),
+            "info": f"torch {torch.__version__}"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--system", choices=["radixflow", "hf"], help=argparse.SUPPRESS)  # child process
     args = ap.parse_args()
+    if args.system:
+        print(json.dumps(measure(args.system, args.num, args.batch_size, args.seed)))
+        return
 
-    from radixflow.runtime.default_model import resolve_model_path
-
-    path = resolve_model_path(None)
     prompts, outs = workload(args.num, args.seed)
     n_out, n_in = sum(outs), sum(map(len, prompts))
     print(f"workload: {args.num} requests, {n_in} prompt tokens, {n_out} output tokens, "
-          f"batch size {args.batch_size}, torch threads {torch.get_num_threads()}")
+          f"batch size {args.batch_size}")
     rows = []
-    rf_dt = run_radixflow(path, prompts, outs, args.batch_size)
-    rows.append(("radixflow", rf_dt, batch1_decode_radixflow(path)))
-    if not args.skip_hf:
-        import transformers
-
-        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        hf_dt = run_hf(hf, prompts, outs, args.batch_size)
-        rows.append(("HF transformers generate", hf_dt, batch1_decode_hf(hf)))
+    for system, name in [("radixflow", "radixflow"), ("hf", "HF transformers generate")]:
+        if system == "hf" and args.skip_hf:
+            continue
+        cmd = [sys.executable, __file__, "--system", system, "--num", str(args.num),
+               "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        rows.append((name, r["dt"], r["batch1"], r["info"]))
     print()
-    print("| system | time (s) | output tok/s | total tok/s | batch-1 decode tok/s |")
-    print("|---|---:|---:|---:|---:|")
-    for name, dt, b1 in rows:
-        print(f"| {name} | {dt:.1f} | {n_out / dt:.1f} | {(n_in + n_out) / dt:.1f} | {b1:.1f} |")
+    print("| system | time (s) | output tok/s | total tok/s | batch-1 decode tok/s | notes |")
+    print("|---|---:|---:|---:|---:|---|")
+    for name, dt, b1, info in rows:
+        print(f"| {name} | {dt:.1f} | {n_out / dt:.1f} | {(n_in + n_out) / dt:.1f} | {b1:.1f} | {info} |")
     if len(rows) == 2:
         print(f"\nthroughput ratio radixflow / HF: {rows[1][1] / rows[0][1]:.2f}x")
 

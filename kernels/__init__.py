@@ -7,6 +7,8 @@
   rotary.rotary                       Llama rope on q/k (tables: rope_cache.build_rope_cache)
   activation.silu_and_mul             SwiGLU: silu(gate) * up
 
+`cpu_ext` holds C kernels for the CPU path (paged decode attention reading the KV pool in
+place), compiled on first use with the system's C compiler; without one, callers keep PyTorch.
 `reference` and `rope_cache` are pure PyTorch. The kernel modules import Triton; on CPU they
 run only under the Triton interpreter, which must be chosen (TRITON_INTERPRET=1) before a
 kernel module is first imported. This package imports nothing eagerly.

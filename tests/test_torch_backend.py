@@ -118,7 +118,7 @@ DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_without_sharing_is_plain_padded(heads, dtype):
     hq, hkv = heads
     world = World(hkv, dtype)
-    backend = TorchAttnBackend(world.kv_pool, world.r2t)
+    backend = TorchAttnBackend(world.kv_pool, world.r2t, use_cpu_kernel=False)
     rows = [3, 0, 5, 7, 1]
     for row, n in zip(rows, [300, 5, 21, 12, 7], strict=True):
         world.add_cached(row, n)
@@ -134,7 +134,7 @@ def test_decode_without_sharing_is_plain_padded(heads, dtype):
 def test_cascade_one_group_and_singletons(heads, dtype):
     hq, hkv = heads
     world = World(hkv, dtype)
-    backend = TorchAttnBackend(world.kv_pool, world.r2t)
+    backend = TorchAttnBackend(world.kv_pool, world.r2t, use_cpu_kernel=False)
     world.add_cached(0, 220)
     for row, n in zip([1, 2, 3], [230, 250, 201], strict=True):
         world.add_cached(row, n, share_from=0, shared=200)
@@ -156,7 +156,7 @@ def test_cascade_one_group_and_singletons(heads, dtype):
 def test_cascade_two_groups_and_nesting(heads, scatter):
     hq, hkv = heads
     world = World(hkv, scatter=scatter)
-    backend = TorchAttnBackend(world.kv_pool, world.r2t)
+    backend = TorchAttnBackend(world.kv_pool, world.r2t, use_cpu_kernel=False)
     world.add_cached(0, 110)
     for row in (1, 2, 9):
         world.add_cached(row, 100 + 7 * row, share_from=0, shared=100)
@@ -176,7 +176,7 @@ def test_segment_over_two_slot_runs(second_run):
     """A shared prefix stored in two runs of consecutive slots: each long run is read in place
     as a segment of its own; with a short run, the whole prefix is gathered instead."""
     world = World(3)
-    backend = TorchAttnBackend(world.kv_pool, world.r2t)
+    backend = TorchAttnBackend(world.kv_pool, world.r2t, use_cpu_kernel=False)
     world.add_cached(0, 300)
     world.alloc.alloc(7)  # a gap: request 1's own tokens do not continue request 0's run
     world.add_cached(1, 300 + second_run + 5, share_from=0, shared=300)
@@ -195,7 +195,7 @@ def test_cascade_prefix_is_whole_context_but_one(heads):
     """Requests whose cached tokens are all shared: each one's suffix is its new token alone."""
     hq, hkv = heads
     world = World(hkv)
-    backend = TorchAttnBackend(world.kv_pool, world.r2t)
+    backend = TorchAttnBackend(world.kv_pool, world.r2t, use_cpu_kernel=False)
     world.add_cached(2, 150)
     for row in (0, 1, 3):
         world.add_cached(row, 150, share_from=2, shared=150)
@@ -210,7 +210,7 @@ def test_short_common_header_is_folded_into_each_group():
     """A template header shorter than the threshold, shared by all, then two long groups: each
     group's segment starts at position 0."""
     world = World(1)
-    backend = TorchAttnBackend(world.kv_pool, world.r2t)
+    backend = TorchAttnBackend(world.kv_pool, world.r2t, use_cpu_kernel=False)
     world.add_cached(0, 12)
     world.add_cached(1, 400, share_from=0, shared=12)
     world.add_cached(2, 420, share_from=1, shared=300)
@@ -225,7 +225,7 @@ def test_short_common_header_is_folded_into_each_group():
 def test_extend_then_decode_with_shared_prefixes(heads):
     hq, hkv = heads
     world = World(hkv)
-    backend = TorchAttnBackend(world.kv_pool, world.r2t)
+    backend = TorchAttnBackend(world.kv_pool, world.r2t, use_cpu_kernel=False)
     world.add_cached(0, 0)
     world.run_and_check(backend, world.batch(ForwardMode.EXTEND, [0], [120]), hq)
     for row in (1, 2, 3):  # radix hits on request 0's prompt, then their own tokens
@@ -277,7 +277,7 @@ def benchmark(groups: int = 4, per_group: int = 16, prefix: int = 800, suffix: i
     q = torch.randn(b, hq, head_dim, generator=gen)
     outs = {}
     for name, min_prefix in [("plain", 1 << 30), ("cascade", 64)]:
-        backend = TorchAttnBackend(pool, r2t, min_shared_prefix=min_prefix)
+        backend = TorchAttnBackend(pool, r2t, min_shared_prefix=min_prefix, use_cpu_kernel=False)
         plans = []
         for _ in range(3):
             t0 = time.perf_counter()

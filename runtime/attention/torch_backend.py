@@ -55,6 +55,7 @@ class _Segment:
 class _DecodeMeta:
     buckets: list[_Bucket]  # every request in exactly one
     segments: list[_Segment]  # empty: plain path (SDPA per bucket, suffixes start at 0)
+    in_place: bool = False  # the compiled CPU kernel reads K/V in place; buckets are empty
 
 
 def shared_prefix_segments(idx: torch.Tensor, seq_lens: list[int], min_prefix: int,
@@ -132,10 +133,18 @@ class TorchAttnBackend(AttentionBackend):
     per layer cost more in page faults than the copy itself), and decode attends with the
     query heads grouped per KV head, so GQA never materializes repeated K/V."""
 
-    def __init__(self, kv_pool, req_to_token_pool, min_shared_prefix: int = 64) -> None:
+    def __init__(self, kv_pool, req_to_token_pool, min_shared_prefix: int = 64,
+                 use_cpu_kernel: bool | None = None) -> None:
         super().__init__(kv_pool, req_to_token_pool)
         self.min_shared_prefix = min_shared_prefix
         self._ws: dict[str, torch.Tensor] = {}
+        if use_cpu_kernel is None:  # fp32 pool on CPU and a C compiler at hand
+            use_cpu_kernel = kv_pool.dtype == torch.float32 and kv_pool.k_buffer[0].device.type == "cpu"
+            if use_cpu_kernel:
+                from radixflow.kernels import cpu_ext
+                use_cpu_kernel = cpu_ext.available()
+        # Decode on the compiled kernel: K/V read in place, no gathered copy (kernels/cpu_ext.py).
+        self.use_cpu_kernel = use_cpu_kernel
 
     def _workspace(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
                    device: torch.device) -> torch.Tensor:
@@ -198,7 +207,8 @@ class TorchAttnBackend(AttentionBackend):
         batch.attn_metadata = _ExtendMeta(kv_indices, masks)
 
     def _plan_decode(self, batch: ForwardBatch) -> _DecodeMeta:
-        """Cascade when shared prefixes save more gathered rows than the extra calls cost."""
+        """Cascade when shared prefixes save more gathered rows than the extra calls cost; else
+        the in-place kernel when there is one, else padded buckets."""
         lens = batch.seq_lens_cpu
         idx = self.req_to_token_pool.req_to_token[batch.req_pool_indices, :max(lens)].to(torch.int64)
         plain, plain_cost = pad_buckets(lens)
@@ -211,6 +221,8 @@ class TorchAttnBackend(AttentionBackend):
                     segments = [seg for r, start, end in segs
                                 for seg in self._segments(self._index(r, idx.device), idx[r[0], start:end])]
                     return _DecodeMeta(self._buckets(idx, lens, starts, suffix, True), segments)
+        if self.use_cpu_kernel:
+            return _DecodeMeta([], [], in_place=True)
         return _DecodeMeta(self._buckets(idx, lens, [0] * len(lens), plain, False), [])
 
     def _segments(self, rows: torch.Tensor, slots: torch.Tensor) -> list[_Segment]:
@@ -277,6 +289,13 @@ class TorchAttnBackend(AttentionBackend):
     def forward_decode(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch,
                        scale: float) -> torch.Tensor:
         meta: _DecodeMeta = batch.attn_metadata
+        if meta.in_place:
+            from radixflow.kernels import cpu_ext
+
+            out = cpu_ext.decode_attention(q, self.kv_pool.k_buffer[layer_id], self.kv_pool.v_buffer[layer_id],
+                                           self.req_to_token_pool.req_to_token, batch.req_pool_indices,
+                                           batch.seq_lens, scale)
+            return out.view(q.shape[0], -1).to(q.dtype)
         if meta.segments:
             return self._cascade_decode(q, layer_id, meta, scale)
         B, H, D = q.shape

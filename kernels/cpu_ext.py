@@ -1,0 +1,122 @@
+"""CPU kernels in C, compiled on first use with the system's C compiler and loaded with ctypes.
+
+  decode_attention(q, k_buffer, v_buffer, req_to_token, rows, seq_lens, scale) -> out
+      paged decode attention, fp32: K/V read in place through req_to_token (no gathered copy),
+      grouped-query heads sharing each row read (source: cpu_decode_attention.c).
+
+The library is built once per source version and CPU (-O3 -march=native -fopenmp, about a
+second) into the radixflow cache folder. Without a compiler, or with RADIXFLOW_DISABLE_CPU_EXT=1,
+`available()` is False and callers keep their PyTorch path. Reference: reference.decode_attention_ref.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SRC = Path(__file__).with_name("cpu_decode_attention.c")
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_FLAGS_VERSION = b"2"  # bump when the compiler flags change
+
+
+def _cpu_key() -> str:
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return f"{platform.machine()}|{flags}"
+
+
+def _build(out: Path) -> None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc/gcc) on PATH")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_so = Path(tmp) / out.name
+        # Reassociation lets the dot products vectorize; no -ffast-math (the kernel relies on -inf).
+        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
+               "-fno-trapping-math", "-shared", "-fPIC", str(_SRC), "-o", str(tmp_so), "-lm"]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if res.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {res.stderr.strip()[:500]}")
+        os.replace(tmp_so, out)  # atomic: concurrent builders never load a half-written file
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _tried
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        if os.environ.get("RADIXFLOW_DISABLE_CPU_EXT") == "1":
+            return None
+        from radixflow.runtime.default_model import cache_dir
+
+        digest = hashlib.sha256(_SRC.read_bytes() + _cpu_key().encode() + _FLAGS_VERSION).hexdigest()[:16]
+        path = cache_dir() / "ext" / f"cpu_kernels-{digest}.so"
+        try:
+            if not path.exists():
+                _build(path)
+            lib = ctypes.CDLL(str(path))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            logger.warning("CPU kernels unavailable, using the PyTorch path: %s", e)
+            return None
+        p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+        lib.decode_attention_f32.argtypes = [p, p, p, p, i64, p, p, i32, i32, i32, i32, f32, p]
+        lib.decode_attention_f32.restype = i32
+        _lib = lib
+        return lib
+
+
+def available() -> bool:
+    """Whether the compiled kernels can be used (builds them on the first call)."""
+    return _load() is not None
+
+
+def decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+                     req_to_token: torch.Tensor, rows: torch.Tensor, seq_lens: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """q (B, Hq, D) fp32 -> (B, Hq, D): request b attends to pool rows
+    req_to_token[rows[b], :seq_lens[b]] (seq_lens >= 1); query head h reads kv head h // (Hq // Hkv).
+    k/v_buffer (slots, Hkv, D) fp32 contiguous CPU; req_to_token int32 contiguous; rows,
+    seq_lens int64. Raises ValueError on anything else."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError("CPU kernels are not available")
+    B, H, D = q.shape
+    Hkv = k_buffer.shape[1]
+    for name, t in (("k_buffer", k_buffer), ("v_buffer", v_buffer)):
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or t.shape[1:] != (Hkv, D):
+            raise ValueError(f"{name} must be a contiguous fp32 CPU tensor (slots, {Hkv}, {D}), got "
+                             f"{t.dtype} {tuple(t.shape)}")
+    if req_to_token.dtype != torch.int32 or not req_to_token.is_contiguous():
+        raise ValueError("req_to_token must be a contiguous int32 tensor")
+    if rows.shape != (B,) or seq_lens.shape != (B,):
+        raise ValueError(f"rows and seq_lens must have shape ({B},)")
+    q = q.to(torch.float32).contiguous()
+    rows = rows.to(torch.int64).contiguous()
+    seq_lens = seq_lens.to(torch.int64).contiguous()
+    out = torch.empty_like(q)
+    rc = lib.decode_attention_f32(q.data_ptr(), k_buffer.data_ptr(), v_buffer.data_ptr(),
+                                  req_to_token.data_ptr(), req_to_token.stride(0), rows.data_ptr(),
+                                  seq_lens.data_ptr(), B, H, Hkv, D, float(scale), out.data_ptr())
+    if rc != 0:
+        raise ValueError(f"shape not supported by the CPU kernel: {H} q heads, {Hkv} kv heads, head_dim {D}")
+    return out

@@ -1,0 +1,94 @@
+"""The compiled CPU decode-attention kernel against the PyTorch reference, and in the backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from radixflow.kernels import cpu_ext
+from radixflow.kernels.reference import decode_attention_ref
+from radixflow.runtime.attention.torch_backend import TorchAttnBackend
+from radixflow.runtime.forward_batch import ForwardBatch, ForwardMode
+from radixflow.runtime.memory_pool import KVPool, ReqToTokenPool
+
+pytestmark = pytest.mark.skipif(not cpu_ext.available(), reason="no C compiler for the CPU kernels")
+
+
+def _world(hkv: int, d: int, lens: list[int], scattered: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    slots = sum(lens) + 64
+    k = torch.randn(slots, hkv, d, generator=g)
+    v = torch.randn(slots, hkv, d, generator=g)
+    r2t = torch.zeros(len(lens) + 3, max(lens) + 5, dtype=torch.int32)
+    perm = torch.randperm(slots, generator=g) if scattered else torch.arange(slots)
+    rows = torch.randperm(r2t.shape[0], generator=g)[:len(lens)]
+    at = 0
+    for row, n in zip(rows.tolist(), lens):
+        r2t[row, :n] = perm[at:at + n].to(torch.int32)
+        at += n
+    return k, v, r2t, rows, torch.tensor(lens)
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (4, 4, 32), (8, 1, 128)])
+@pytest.mark.parametrize("scattered", [False, True])
+def test_decode_kernel_matches_reference(hq, hkv, d, scattered):
+    lens = [1, 7, 64, 65, 200, 3]  # block edges: 64 keys per block
+    k, v, r2t, rows, sl = _world(hkv, d, lens, scattered)
+    q = torch.randn(len(lens), hq, d)
+    got = cpu_ext.decode_attention(q, k, v, r2t, rows, sl, d ** -0.5)
+    want = decode_attention_ref(q, k, v, r2t, rows, sl, d ** -0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+
+
+def test_decode_kernel_large_scores_do_not_overflow():
+    k, v, r2t, rows, sl = _world(2, 16, [50, 130], False)
+    q = torch.randn(2, 4, 16) * 100  # softmax of scores in the thousands: max-subtraction must hold
+    got = cpu_ext.decode_attention(q, k * 10, v, r2t, rows, sl, 1.0)
+    want = decode_attention_ref(q, k * 10, v, r2t, rows, sl, 1.0)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_decode_kernel_rejects_bad_input():
+    k, v, r2t, rows, sl = _world(2, 16, [5, 9], False)
+    q = torch.randn(2, 4, 16)
+    with pytest.raises(ValueError, match="k_buffer must be a contiguous fp32"):
+        cpu_ext.decode_attention(q, k.bfloat16(), v, r2t, rows, sl, 1.0)
+    with pytest.raises(ValueError, match="req_to_token must be a contiguous int32"):
+        cpu_ext.decode_attention(q, k, v, r2t.long(), rows, sl, 1.0)
+    with pytest.raises(ValueError, match="rows and seq_lens must have shape"):
+        cpu_ext.decode_attention(q, k, v, r2t, rows[:1], sl, 1.0)
+    with pytest.raises(ValueError, match="not supported by the CPU kernel"):
+        cpu_ext.decode_attention(torch.randn(2, 3, 16), k, v, r2t, rows, sl, 1.0)  # 3 q heads on 2 kv heads
+
+
+def test_backend_uses_kernel_for_plain_decode_and_cascade_for_shared_prefixes():
+    hkv, d, hq = 3, 64, 9
+    pool = KVPool(2000, 1, hkv, d, torch.float32)
+    r2t = ReqToTokenPool(8, 1024)
+    backend = TorchAttnBackend(pool, r2t)
+    assert backend.use_cpu_kernel
+    torch.manual_seed(0)
+    pool.k_buffer[0].normal_()
+    pool.v_buffer[0].normal_()
+    # Rows 0..3: private keys; rows 4..6: a 300-token shared prefix and private tails.
+    at = 1
+    for row, n in enumerate([40, 300, 5, 77]):
+        r2t.req_to_token[row, :n] = torch.arange(at, at + n, dtype=torch.int32)
+        at += n
+    shared = torch.arange(at, at + 300, dtype=torch.int32)
+    at += 300
+    for row in (4, 5, 6):
+        r2t.req_to_token[row, :300] = shared
+        r2t.req_to_token[row, 300:310] = torch.arange(at, at + 10, dtype=torch.int32)
+        at += 10
+    for rows, lens, cascade in [([0, 1, 2, 3], [40, 300, 5, 77], False), ([4, 5, 6], [310] * 3, True)]:
+        batch = ForwardBatch.build(ForwardMode.DECODE, [0] * len(rows), rows, [n - 1 for n in lens],
+                                   [1] * len(rows), torch.zeros(len(rows), dtype=torch.int64), "cpu")
+        backend.init_forward_metadata(batch)
+        assert batch.attn_metadata.in_place is not cascade
+        q = torch.randn(len(rows), hq, d)
+        got = backend.forward_decode(q, 0, batch, 0.125).view(len(rows), hq, d)
+        want = decode_attention_ref(q, pool.k_buffer[0], pool.v_buffer[0], r2t.req_to_token,
+                                    batch.req_pool_indices, batch.seq_lens, 0.125)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
