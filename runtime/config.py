@@ -39,6 +39,7 @@ class EngineConfig:
     disable_cuda_graph: bool = False
     grammar_compile_timeout: float = 30.0
     disable_jump_forward: bool = False
+    disable_mixed_batch: bool = False  # True: prefill steps and decode steps alternate, never share a forward
     num_threads: int | None = None  # torch CPU threads; None = leave as is
     cpu_gemm: str = "auto"  # fp32 CPU matmuls: auto (timed at load) | torch | openblas
     random_seed: int = 0

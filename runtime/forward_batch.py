@@ -30,6 +30,8 @@ class ForwardBatch:
       seq_lens_cpu, prefix_lens_cpu, extend_lens_cpu
     `logits_indices` (B,) picks the row of each request's last new token; requests that want
     input logprobs set `return_all_logits`, and then logits of every new token are returned.
+    A mixed EXTEND batch ends with `num_decode` decoding requests (one new token each), which a
+    backend may attend with its decode path; to any other reader they are plain extend requests.
     """
 
     mode: ForwardMode
@@ -45,6 +47,7 @@ class ForwardBatch:
     prefix_lens_cpu: list[int]
     extend_lens_cpu: list[int]
     return_all_logits: bool = False
+    num_decode: int = 0
     # Filled by the attention backend in init_forward_metadata; backend-specific.
     attn_metadata: object = field(default=None, repr=False)
 
@@ -67,10 +70,13 @@ class ForwardBatch:
         out_cache_loc: torch.Tensor,
         device: torch.device | str,
         return_all_logits: bool = False,
+        num_decode: int = 0,
     ) -> ForwardBatch:
         """Build from host-side lists; positions run prefix_len .. prefix_len + extend_len - 1."""
         assert len(req_pool_indices) == len(prefix_lens) == len(extend_lens)
         assert sum(extend_lens) == len(input_ids) == out_cache_loc.numel()
+        if num_decode:
+            assert mode is ForwardMode.EXTEND and all(e == 1 for e in extend_lens[len(extend_lens) - num_decode:])
         if mode is ForwardMode.DECODE:
             assert all(e == 1 for e in extend_lens)
             positions = prefix_lens
@@ -99,4 +105,5 @@ class ForwardBatch:
             prefix_lens_cpu=list(prefix_lens),
             extend_lens_cpu=list(extend_lens),
             return_all_logits=return_all_logits,
+            num_decode=num_decode,
         )

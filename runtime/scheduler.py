@@ -54,7 +54,7 @@ class Scheduler:
         self.new_token_ratio = _RATIO_INIT
         self.last_was_extend = False
         self.grammar = None  # GrammarManager, created on first constrained request
-        self.stats = {"retractions": 0, "steps": 0, "extend_steps": 0, "decode_steps": 0,
+        self.stats = {"retractions": 0, "steps": 0, "extend_steps": 0, "decode_steps": 0, "mixed_steps": 0,
                       "prompt_tokens": 0, "computed_prompt_tokens": 0, "cached_tokens": 0,
                       "generated_tokens": 0}
 
@@ -130,13 +130,14 @@ class Scheduler:
         if self.grammar is not None:
             for req in self.grammar.poll():
                 self._grammar_ready(req)
-        # Alternate with decode when both have work, so long prefills do not stall decoding.
+        # Alternate with decode when both have work, so long prefills do not stall decoding
+        # (a mixed batch decodes the running requests along with the prefill).
         batch = None
         if not (self.last_was_extend and self.running):
             batch = self._prefill_batch()
         if batch is not None:
-            self._run_extend(batch)
-            self.last_was_extend = True
+            # A mixed step has decoded the running requests already: no decode step owed.
+            self.last_was_extend = not self._run_extend(batch)
         elif self.running:
             self._run_decode()
             self.last_was_extend = False
@@ -245,7 +246,9 @@ class Scheduler:
 
     # ---- forward + results ----------------------------------------------------------------
 
-    def _run_extend(self, batch: list[tuple[Req, int]]) -> None:
+    def _run_extend(self, batch: list[tuple[Req, int]]) -> bool:
+        """Prefill `batch` (and decode the running requests along, unless disabled or out of
+        room). Returns whether the running requests were decoded."""
         ids, rows, prefix, ext, locs = [], [], [], [], []
         for req, n in batch:
             fill = req.fill_ids
@@ -254,13 +257,34 @@ class Scheduler:
             prefix.append(req.kv_len)
             ext.append(n)
             locs.append(self.cache.req_to_token.read(req.row, req.kv_len, req.kv_len + n))
+        n_prompt = len(ids)
+        # Mixed batch: running requests decode their next token in the same forward (a few more
+        # rows of a large matmul cost little), when the pool has a slot for each of them.
+        decoding = list(self.running) if not self.config.disable_mixed_batch else []
+        dec_locs = self.cache.alloc(len(decoding)) if decoding else None
+        if dec_locs is None:
+            decoding = []
+        for r, loc in zip(decoding, dec_locs if decoding else []):
+            self.cache.req_to_token.write(r.row, r.kv_len, loc.view(1))
+            ids.append(r.output_ids[-1])
+            rows.append(r.row)
+            prefix.append(r.kv_len)
+            ext.append(1)
+        if decoding:
+            locs.append(dec_locs)
         want_input_lp = any(not r.input_logprobs_done for r, _ in batch)
         fb = ForwardBatch.build(ForwardMode.EXTEND, ids, rows, prefix, ext, torch.cat(locs),
-                                self.runner.device, return_all_logits=want_input_lp)
+                                self.runner.device, return_all_logits=want_input_lp, num_decode=len(decoding))
         last_logits, hidden = self.runner.forward(fb)
         self.stats["extend_steps"] += 1
         self.stats["steps"] += 1
-        self.stats["computed_prompt_tokens"] += len(ids)
+        self.stats["computed_prompt_tokens"] += n_prompt
+        if decoding:
+            self.stats["mixed_steps"] += 1
+            for r in decoding:
+                r.kv_len += 1
+            self.new_token_ratio = max(_RATIO_MIN, self.new_token_ratio - _RATIO_DECAY)
+            self._sample_and_append(last_logits[len(batch):], decoding)
         done: list[int] = []
         offset = 0
         for i, (req, n) in enumerate(batch):
@@ -279,7 +303,7 @@ class Scheduler:
             req.input_logprobs_done = True
             done.append(i)
         if not done:
-            return
+            return bool(decoding)
         reqs = [batch[i][0] for i in done]
         finish_now = [r for r in reqs if r.params.max_new_tokens == 0 and not r.output_ids]
         for r in finish_now:
@@ -290,6 +314,7 @@ class Scheduler:
             sample_reqs = [batch[j][0] for j in keep]
             self.running.extend(sample_reqs)  # _sample_and_append takes finished ones out again
             self._sample_and_append(last_logits[keep], sample_reqs)
+        return bool(decoding)
 
     def _run_decode(self) -> None:
         self._ensure_decode_room()

@@ -70,7 +70,8 @@ class World:
             old_k, old_v = self.hist[row][layer]
             self.hist[row][layer] = (torch.cat([old_k, k]), torch.cat([old_v, v]))
 
-    def batch(self, mode: ForwardMode, rows: list[int], extend_lens: list[int] | None = None) -> ForwardBatch:
+    def batch(self, mode: ForwardMode, rows: list[int], extend_lens: list[int] | None = None,
+              num_decode: int = 0) -> ForwardBatch:
         extend_lens = extend_lens or [1] * len(rows)
         prefix_lens = [self.hist[r][0][0].shape[0] for r in rows]
         loc = self.alloc.alloc(sum(extend_lens))
@@ -78,7 +79,8 @@ class World:
         for row, p, e in zip(rows, prefix_lens, extend_lens, strict=True):
             self.r2t.write(row, p, loc[off:off + e])  # the caller's job before the forward
             off += e
-        return ForwardBatch.build(mode, [0] * sum(extend_lens), rows, prefix_lens, extend_lens, loc, "cpu")
+        return ForwardBatch.build(mode, [0] * sum(extend_lens), rows, prefix_lens, extend_lens, loc, "cpu",
+                                  num_decode=num_decode)
 
     def run_and_check(self, backend: TorchAttnBackend, batch: ForwardBatch, hq: int) -> None:
         backend.init_forward_metadata(batch)
@@ -297,3 +299,31 @@ def benchmark(groups: int = 4, per_group: int = 16, prefix: int = 800, suffix: i
 
 if __name__ == "__main__":
     benchmark()
+
+
+@HEADS
+@DTYPES
+@pytest.mark.parametrize("kernel", [False, True], ids=["torch", "cpu-kernel"])
+def test_mixed_batch_prefill_and_decode_tail(heads, dtype, kernel):
+    """An EXTEND batch whose last requests decode (the scheduler's mixed step): the prefills go
+    through the extend path, the tail through the decode plan (buckets, cascade or the kernel)."""
+    from radixflow.kernels import cpu_ext
+
+    if kernel and (dtype != torch.float32 or not cpu_ext.available()):
+        pytest.skip("the CPU kernel serves fp32 pools")
+    hq, hkv = heads
+    world = World(hkv, dtype)
+    backend = TorchAttnBackend(world.kv_pool, world.r2t, use_cpu_kernel=kernel)
+    world.add_cached(0, 0)
+    world.add_cached(1, 40)
+    world.add_cached(2, 330)
+    for row in (3, 4, 5):
+        world.add_cached(row, 300 + row, share_from=2, shared=300)
+    world.add_cached(6, 9)
+    for tail in ([1, 2, 6], [3, 4, 5, 6]):  # no sharing; a shared 300-token prefix (cascade)
+        batch = world.batch(ForwardMode.EXTEND, [0, *tail], [17] + [1] * len(tail), num_decode=len(tail))
+        world.run_and_check(backend, batch, hq)
+        meta = batch.attn_metadata
+        assert len(meta.kv_indices) == 1 and meta.decode is not None
+        assert bool(meta.decode.segments) == (tail != [1, 2, 6])
+        assert meta.decode.in_place == (kernel and tail == [1, 2, 6])

@@ -24,8 +24,9 @@ _CALL_COST_ROWS = 256
 
 @dataclass
 class _ExtendMeta:
-    kv_indices: list[torch.Tensor]  # per request: int64 (seq_len,) pool slots
-    masks: list[torch.Tensor | None]  # per request: bool (extend, seq_len) or None for plain causal
+    kv_indices: list[torch.Tensor]  # per extend request: int64 (seq_len,) pool slots
+    masks: list[torch.Tensor | None]  # per extend request: bool (extend, seq_len) or None for plain causal
+    decode: _DecodeMeta | None = None  # mixed batch: the plan of its decode tail
 
 
 @dataclass
@@ -53,6 +54,8 @@ class _Segment:
 
 @dataclass
 class _DecodeMeta:
+    rows: torch.Tensor  # int64 (B,) ReqToTokenPool rows of the decoding requests
+    seq_lens: torch.Tensor  # int64 (B,) their key counts, the new token included
     buckets: list[_Bucket]  # every request in exactly one
     segments: list[_Segment]  # empty: plain path (SDPA per bucket, suffixes start at 0)
     in_place: bool = False  # the compiled CPU kernel reads K/V in place; buckets are empty
@@ -193,10 +196,11 @@ class TorchAttnBackend(AttentionBackend):
         r2t = self.req_to_token_pool.req_to_token
         rows = batch.req_pool_indices
         if batch.mode is ForwardMode.DECODE:
-            batch.attn_metadata = self._plan_decode(batch)
+            batch.attn_metadata = self._plan_decode(rows, batch.seq_lens, batch.seq_lens_cpu)
             return
+        n_ext = batch.batch_size - batch.num_decode
         kv_indices, masks = [], []
-        for i, (p, e) in enumerate(zip(batch.prefix_lens_cpu, batch.extend_lens_cpu)):
+        for i, (p, e) in enumerate(zip(batch.prefix_lens_cpu[:n_ext], batch.extend_lens_cpu[:n_ext])):
             kv_indices.append(r2t[rows[i], :p + e].to(torch.int64))
             if p == 0:
                 masks.append(None)
@@ -204,13 +208,15 @@ class TorchAttnBackend(AttentionBackend):
                 q_pos = torch.arange(p, p + e, device=r2t.device)
                 k_pos = torch.arange(p + e, device=r2t.device)
                 masks.append(k_pos[None, :] <= q_pos[:, None])
-        batch.attn_metadata = _ExtendMeta(kv_indices, masks)
+        decode = None
+        if batch.num_decode:
+            decode = self._plan_decode(rows[n_ext:], batch.seq_lens[n_ext:], batch.seq_lens_cpu[n_ext:])
+        batch.attn_metadata = _ExtendMeta(kv_indices, masks, decode)
 
-    def _plan_decode(self, batch: ForwardBatch) -> _DecodeMeta:
+    def _plan_decode(self, rows: torch.Tensor, seq_lens: torch.Tensor, lens: list[int]) -> _DecodeMeta:
         """Cascade when shared prefixes save more gathered rows than the extra calls cost; else
         the in-place kernel when there is one, else padded buckets."""
-        lens = batch.seq_lens_cpu
-        idx = self.req_to_token_pool.req_to_token[batch.req_pool_indices, :max(lens)].to(torch.int64)
+        idx = self.req_to_token_pool.req_to_token[rows, :max(lens)].to(torch.int64)
         plain, plain_cost = pad_buckets(lens)
         if len(lens) > 1:
             segs, starts = shared_prefix_segments(idx, lens, self.min_shared_prefix)
@@ -220,10 +226,10 @@ class TorchAttnBackend(AttentionBackend):
                 if cost < plain_cost:
                     segments = [seg for r, start, end in segs
                                 for seg in self._segments(self._index(r, idx.device), idx[r[0], start:end])]
-                    return _DecodeMeta(self._buckets(idx, lens, starts, suffix, True), segments)
+                    return _DecodeMeta(rows, seq_lens, self._buckets(idx, lens, starts, suffix, True), segments)
         if self.use_cpu_kernel:
-            return _DecodeMeta([], [], in_place=True)
-        return _DecodeMeta(self._buckets(idx, lens, [0] * len(lens), plain, False), [])
+            return _DecodeMeta(rows, seq_lens, [], [], in_place=True)
+        return _DecodeMeta(rows, seq_lens, self._buckets(idx, lens, [0] * len(lens), plain, False), [])
 
     def _segments(self, rows: torch.Tensor, slots: torch.Tensor) -> list[_Segment]:
         """One gathered segment, or (fp32 pool) one per run of consecutive slots when every run
@@ -273,7 +279,10 @@ class TorchAttnBackend(AttentionBackend):
         T, H, D = q.shape
         out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
         start = 0
-        for i, e in enumerate(batch.extend_lens_cpu):
+        if meta.decode is not None:  # mixed batch: the last num_decode tokens are decode queries
+            n = batch.num_decode
+            out[T - n:] = self._decode(q[T - n:], layer_id, meta.decode, scale).view(n, H, D)
+        for i, e in enumerate(batch.extend_lens_cpu[:batch.batch_size - batch.num_decode]):
             qi = q[start:start + e].transpose(0, 1)  # (H, e, D)
             k, v = self._gather(layer_id, meta.kv_indices[i])
             ki = k.transpose(0, 1).to(q.dtype)  # (Hkv, L, D)
@@ -288,13 +297,15 @@ class TorchAttnBackend(AttentionBackend):
 
     def forward_decode(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch,
                        scale: float) -> torch.Tensor:
-        meta: _DecodeMeta = batch.attn_metadata
+        return self._decode(q, layer_id, batch.attn_metadata, scale)
+
+    def _decode(self, q: torch.Tensor, layer_id: int, meta: _DecodeMeta, scale: float) -> torch.Tensor:
+        """q (B, H, D), one query per request of `meta` -> (B, H * D)."""
         if meta.in_place:
             from radixflow.kernels import cpu_ext
 
             out = cpu_ext.decode_attention(q, self.kv_pool.k_buffer[layer_id], self.kv_pool.v_buffer[layer_id],
-                                           self.req_to_token_pool.req_to_token, batch.req_pool_indices,
-                                           batch.seq_lens, scale)
+                                           self.req_to_token_pool.req_to_token, meta.rows, meta.seq_lens, scale)
             return out.view(q.shape[0], -1).to(q.dtype)
         if meta.segments:
             return self._cascade_decode(q, layer_id, meta, scale)
