@@ -90,7 +90,7 @@ class RotaryEmbedding(nn.Module):
         return rotary(q, k, positions, self.cos_cache[:, :half], self.sin_cache[:, :half])
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, signed sin), each (T, 1, D), for `apply`; computed once per forward, not per layer."""
+        """(cos, signed sin), each (T, 1, D), for `rotate`; computed once per forward, not per layer."""
         cached = self._cos_sin
         if cached is not None and cached[0] is positions and cached[1].dtype == dtype:
             return cached[1], cached[2]
@@ -101,7 +101,7 @@ class RotaryEmbedding(nn.Module):
         self._cos_sin = (positions, cos, sin)
         return cos, sin
 
-    def apply(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Rotate x (T, heads, D): x * cos + rotate_half(x) * sin, as Hugging Face does."""
         cos, sin = self.cos_sin(positions, x.dtype)
         return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
@@ -131,7 +131,7 @@ class Attention(nn.Module):
             k = qkv[:, self.q_size:self.q_size + self.kv_size].view(T, Hkv, D)
             q, k = rope(batch.positions, q, k)
         else:  # q and k rotated together: one set of elementwise ops instead of two
-            qk = rope.apply(batch.positions, qkv[:, :self.q_size + self.kv_size].view(T, H + Hkv, D))
+            qk = rope.rotate(batch.positions, qkv[:, :self.q_size + self.kv_size].view(T, H + Hkv, D))
             q, k = qk[:, :H], qk[:, H:]
         out = backend.forward(q, k, v, self.layer_id, batch, self.scale)
         return self.o_proj(out)
