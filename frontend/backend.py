@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from concurrent.futures import Future
 from typing import Any
 
 from radixflow.frontend.chat_template import ChatTemplate
@@ -64,6 +65,21 @@ class Backend(ABC):
         result = self.generate(text, {"max_new_tokens": 0})
         assert isinstance(result, dict)
         return result
+
+    def cache_prefix_async(self, text: str) -> Future:
+        """Start `cache_prefix(text)` without waiting. The future completes once a request sent
+        after that will reuse the cached prefix; here, when the commit request has finished (an
+        in-process engine, which schedules requests in order, completes it at once)."""
+        fut: Future = Future()
+
+        def commit() -> None:
+            try:
+                fut.set_result(self.cache_prefix(text))
+            except BaseException as e:  # noqa: BLE001 — handed to whoever waits on the future
+                fut.set_exception(e)
+
+        threading.Thread(target=commit, name="radixflow-commit", daemon=True).start()
+        return fut
 
     def flush_cache(self) -> bool:
         """Drop the prefix cache; False when the runtime refuses (requests running)."""

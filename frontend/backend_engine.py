@@ -8,6 +8,7 @@ reachable on the wrapper too.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Future
 from typing import Any
 
 from radixflow.frontend.backend import Backend, BackendError, InvalidRequestError, raise_if_aborted
@@ -85,6 +86,20 @@ class Engine(Backend):
                 yield item
         except self._errors as e:
             raise _translate(e) from e
+
+    def cache_prefix_async(self, text: str) -> Future:
+        """Queue the commit and return a completed future: the engine schedules requests in the
+        order they were submitted, and holds a later request that shares the commit's uncached
+        prefix until the commit has computed it, so nobody needs to wait for the commit itself.
+        A refused commit is not reported here: the branch's own request gets the same error."""
+        done: Future = Future()
+        try:
+            self.engine.submit(text, {"max_new_tokens": 0})
+        except self._errors as e:
+            done.set_exception(_translate(e))
+            return done
+        done.set_result(None)
+        return done
 
     def chat_template(self) -> ChatTemplate:
         """The model's own template, rendered by the runtime tokenizer."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from collections import Counter, deque
 from collections.abc import Iterator
+from concurrent.futures import Future
 from typing import Any
 
 from radixflow.frontend import ir
@@ -50,6 +51,7 @@ class StreamExecutor:
         self._ending = False
         self._queue: deque[Any] = deque()
         self._busy = False
+        self._after: Future | None = None  # the parent's prefix commit, awaited before the first request
 
     # ---- caller side --------------------------------------------------------------------------
 
@@ -155,24 +157,30 @@ class StreamExecutor:
 
     def fork(self, n: int) -> list[StreamExecutor]:
         """n executors continuing from this one's current text. The text is prefilled into the cache
-        first (one max_new_tokens=0 request), so every branch reuses it."""
+        once (one max_new_tokens=0 request) and every branch waits for that before its first request,
+        so each reuses it. The caller does not wait for the commit: a program forking many nodes
+        sends all their commits at once and the runtime batches them."""
         if n < 1:
             raise ValueError(f"fork needs n >= 1, got {n}")
         self.sync()
-        if self.text:
-            self.backend.cache_prefix(self.text)
+        commit = self.backend.cache_prefix_async(self.text) if self.text else None
         children = []
         for _ in range(n):
             c = StreamExecutor(self.backend, self.defaults, self.stream, self._template)
             c.text, c.messages, c.role = self.text, [dict(m) for m in self.messages], self.role
             c.variables, c.meta_info = dict(self.variables), dict(self.meta_info)
             c.fork_start, c.body_thread = len(self.text), self.body_thread
+            c._after = commit
             children.append(c)
         return children
 
     # ---- worker side --------------------------------------------------------------------------
 
     def _work(self) -> None:
+        if self._after is not None:
+            # A failed commit is not this branch's failure: its own request reports the cause.
+            self._after.exception()
+            self._after = None
         while True:
             with self.cond:
                 if not self._queue:

@@ -86,11 +86,12 @@ class Engine:
             _raise_if_error(res)
         return results[0] if single and len(results) == 1 else results
 
-    async def async_generate(self, prompt: str | list[str] | None = None,
-                             sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
-                             **kwargs: Any) -> dict | list[dict]:
-        """Awaitable form of generate (stream=False)."""
-        kwargs["stream"] = False
+    def submit(self, prompt: str | list[str] | None = None,
+               sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None, **kwargs: Any) -> Future:
+        """Queue a request and return at once; the future holds what generate() would return (or
+        raises what it would raise). Requests are scheduled in the order they were submitted."""
+        if kwargs.pop("stream", False):
+            raise ValueError("submit and async_generate do not stream: use generate(stream=True) or async_stream")
         reqs, single = self._make_reqs(prompt, sampling_params, kwargs.pop("input_ids", None),
                                        kwargs.pop("return_logprob", False), kwargs.pop("logprob_start_len", -1),
                                        kwargs.pop("top_logprobs_num", 0),
@@ -98,11 +99,34 @@ class Engine:
                                        kwargs.pop("rid", None))
         if kwargs:
             raise TypeError(f"unexpected argument(s): {sorted(kwargs)}")
-        futures = [asyncio.wrap_future(self._submit_collect(r)) for r in reqs]
-        results = list(await asyncio.gather(*futures))
-        for res in results:
-            _raise_if_error(res)
-        return results[0] if single and len(results) == 1 else results
+        futures = [self._submit_collect(r) for r in reqs]
+        out: Future = Future()
+        pending = [len(futures)]
+        lock = threading.Lock()
+
+        def one_done(_: Future) -> None:
+            with lock:
+                pending[0] -= 1
+                if pending[0]:
+                    return
+            results = [f.result() for f in futures]
+            try:
+                for res in results:
+                    _raise_if_error(res)
+            except GenerationError as e:
+                out.set_exception(e)
+                return
+            out.set_result(results[0] if single and len(results) == 1 else results)
+
+        for f in futures:
+            f.add_done_callback(one_done)
+        return out
+
+    async def async_generate(self, prompt: str | list[str] | None = None,
+                             sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
+                             **kwargs: Any) -> dict | list[dict]:
+        """Awaitable form of generate (stream=False)."""
+        return await asyncio.wrap_future(self.submit(prompt, sampling_params, **kwargs))
 
     async def async_stream(self, prompt: str | None = None, sampling_params: dict[str, Any] | None = None,
                            **kwargs: Any) -> AsyncIterator[dict]:

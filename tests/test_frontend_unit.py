@@ -279,6 +279,45 @@ def test_fork_commits_prefix_once_and_join_gathers(fake):
     assert st.text() == "Prefix."
 
 
+def test_forks_do_not_wait_for_each_others_commits():
+    """Forking several nodes sends their commits together (the caller does not wait for each), and
+    every branch's first request comes after its own node's commit has finished."""
+
+    class PairedCommits(FakeBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.barrier = threading.Barrier(2, timeout=30)
+            self.serialized = False
+
+        def cache_prefix(self, text):
+            if text.startswith("root "):  # the two second-level commits must be in flight at once
+                try:
+                    self.barrier.wait()
+                except threading.BrokenBarrierError:
+                    self.serialized = True
+            return super().cache_prefix(text)
+
+    fake = PairedCommits()
+
+    @rf.function
+    def prog(s):
+        s += "root"
+        level1 = s.fork(2)
+        level1 += lambda i: f" {i}" + rf.gen("a")
+        leaves = [leaf for node in level1 for leaf in node.fork(2)]
+        for leaf in leaves:
+            leaf += "!" + rf.gen("b")
+        return [leaf.text() for leaf in leaves]
+
+    st = prog.run(backend=fake)
+    assert not fake.serialized
+    assert len(st.ret_value) == 4 and all(t.endswith(">") for t in st.ret_value)
+    prompts = [p for p, _ in fake.requests]
+    for node in {t[:t.index("!")] for t in st.ret_value}:
+        commit = prompts.index(node)
+        assert all(prompts.index(p) > commit for p in prompts if p.startswith(node + "!"))
+
+
 def test_fork_on_empty_state_and_nested_forks(fake):
     @rf.function
     def prog(s):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
 import pytest
@@ -168,6 +169,36 @@ def test_streaming_equals_non_streaming(engine, greedy):
     assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # cumulative
     assert texts[-1] == greedy["text"]
     assert chunks[-1]["output_ids"] == greedy["output_ids"]
+
+
+def test_submit_returns_at_once_and_schedules_in_order(engine, greedy):
+    prefix = "Submit order check. " * 12
+    before = engine.get_server_info()["computed_prompt_tokens"]
+    commit = engine.submit(prefix, {"max_new_tokens": 0})
+    branches = engine.submit([prefix + f"Branch {i}:" for i in range(3)], {"max_new_tokens": 2, "temperature": 0})
+    one = engine.submit(PROMPT, GREEDY)
+    assert commit.result()["meta_info"]["completion_tokens"] == 0
+    outs = branches.result()
+    assert isinstance(outs, list) and len(outs) == 3
+    # Sent after the commit, every branch found the prefix cached (or was held until it was).
+    n_prefix = commit.result()["meta_info"]["prompt_tokens"]
+    assert all(o["meta_info"]["cached_tokens"] >= n_prefix - 1 for o in outs)
+    assert engine.get_server_info()["computed_prompt_tokens"] - before < n_prefix + 3 * 8 + 64
+    assert one.result()["output_ids"] == greedy["output_ids"]
+    with pytest.raises(ValueError, match="stream"):
+        engine.submit("hi", {}, stream=True)
+    with pytest.raises(ValueError, match="temperature"):
+        engine.submit("hi", {"temperature": -1})
+    with pytest.raises(GenerationError, match="regex"):
+        engine.submit("hi", {"regex": "(unclosed"}).result()
+
+
+def test_async_generate_matches_generate(engine, greedy):
+    async def both():
+        return await asyncio.gather(engine.async_generate(PROMPT, GREEDY), engine.async_generate([PROMPT], GREEDY))
+
+    one, many = asyncio.run(both())
+    assert one["output_ids"] == greedy["output_ids"] and many[0]["output_ids"] == greedy["output_ids"]
 
 
 @pytest.mark.parametrize("params,msg", [
