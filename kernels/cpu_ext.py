@@ -3,8 +3,10 @@
   decode_attention(q, k_buffer, v_buffer, req_to_token, rows, seq_lens, scale) -> out
       paged decode attention, fp32: K/V read in place through req_to_token (no gathered copy),
       grouped-query heads sharing each row read (source: cpu_decode_attention.c).
+  rms_norm(x, weight, eps, residual=None) -> out | (out, x + residual)
+      RMSNorm with the residual add fused in, one pass per row (source: cpu_rmsnorm.c).
 
-The library is built once per source version and CPU (-O3 -march=native -fopenmp, about a
+The library is built once per version of the sources and CPU (-O3 -march=native -fopenmp, about a
 second) into the radixflow cache folder. Without a compiler, or with RADIXFLOW_DISABLE_CPU_EXT=1,
 `available()` is False and callers keep their PyTorch path. Reference: reference.decode_attention_ref.
 """
@@ -26,7 +28,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SRC = Path(__file__).with_name("cpu_decode_attention.c")
+_SRCS = [Path(__file__).with_name(n) for n in ("cpu_decode_attention.c", "cpu_rmsnorm.c")]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -52,7 +54,7 @@ def _build(out: Path) -> None:
         tmp_so = Path(tmp) / out.name
         # Reassociation lets the dot products vectorize; no -ffast-math (the kernel relies on -inf).
         cmd = [cc, "-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
-               "-fno-trapping-math", "-shared", "-fPIC", str(_SRC), "-o", str(tmp_so), "-lm"]
+               "-fno-trapping-math", "-shared", "-fPIC", *map(str, _SRCS), "-o", str(tmp_so), "-lm"]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if res.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {res.stderr.strip()[:500]}")
@@ -69,7 +71,8 @@ def _load() -> ctypes.CDLL | None:
             return None
         from radixflow.runtime.default_model import cache_dir
 
-        digest = hashlib.sha256(_SRC.read_bytes() + _cpu_key().encode() + _FLAGS_VERSION).hexdigest()[:16]
+        sources = b"".join(src.read_bytes() for src in _SRCS)
+        digest = hashlib.sha256(sources + _cpu_key().encode() + _FLAGS_VERSION).hexdigest()[:16]
         path = cache_dir() / "ext" / f"cpu_kernels-{digest}.so"
         try:
             if not path.exists():
@@ -81,6 +84,8 @@ def _load() -> ctypes.CDLL | None:
         p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
         lib.decode_attention_f32.argtypes = [p, p, p, p, i64, p, p, i32, i32, i32, i32, f32, p]
         lib.decode_attention_f32.restype = i32
+        lib.rmsnorm_f32.argtypes = [p, p, p, i64, i64, f32, p, p]
+        lib.rmsnorm_f32.restype = None
         _lib = lib
         return lib
 
@@ -120,3 +125,32 @@ def decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
     if rc != 0:
         raise ValueError(f"shape not supported by the CPU kernel: {H} q heads, {Hkv} kv heads, head_dim {D}")
     return out
+
+
+def _check_rows(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or tuple(t.shape) != shape:
+        raise ValueError(f"{name} must be a contiguous fp32 CPU tensor of shape {shape}, got "
+                         f"{t.dtype} {tuple(t.shape)} on {t.device}{'' if t.is_contiguous() else ' (strided)'}")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """weight * s / sqrt(mean(s^2) + eps) over the last dim, s = x (+ residual); all fp32
+    contiguous CPU, x (..., D), weight (D,). Without residual returns the normed tensor; with it,
+    (normed, s) where s is a new tensor holding x + residual. Raises ValueError on anything else."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError("CPU kernels are not available")
+    D = x.shape[-1]
+    _check_rows("x", x, tuple(x.shape))
+    _check_rows("weight", weight, (D,))
+    out = torch.empty_like(x)
+    M = x.numel() // D if D else 0
+    if residual is None:
+        lib.rmsnorm_f32(x.data_ptr(), None, weight.data_ptr(), M, D, float(eps), out.data_ptr(), None)
+        return out
+    _check_rows("residual", residual, tuple(x.shape))
+    total = torch.empty_like(x)
+    lib.rmsnorm_f32(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), M, D, float(eps), out.data_ptr(),
+                    total.data_ptr())
+    return out, total

@@ -91,5 +91,8 @@ class KVPool:
     def set_kv(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v (tokens, kv_heads, head_dim) into slots `loc` (tokens,)."""
         assert k.shape == v.shape and k.shape[0] == loc.shape[0], (k.shape, loc.shape)
-        self.k_buffer[layer_id][loc] = k.to(self.dtype)
-        self.v_buffer[layer_id][loc] = v.to(self.dtype)
+        # index_copy_, not `buf[loc] = k`: index_put_ wakes the whole thread pool for a few rows,
+        # which costs ~20x the copy itself when the pool sleeps between ops (OMP_WAIT_POLICY=PASSIVE).
+        loc = loc.to(torch.int64)
+        self.k_buffer[layer_id].index_copy_(0, loc, k.to(self.dtype))
+        self.v_buffer[layer_id].index_copy_(0, loc, v.to(self.dtype))

@@ -1,4 +1,4 @@
-"""The compiled CPU decode-attention kernel against the PyTorch reference, and in the backend."""
+"""The compiled CPU kernels (decode attention, RMSNorm) against their PyTorch references, and in use."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from radixflow.kernels import cpu_ext
-from radixflow.kernels.reference import decode_attention_ref
+from radixflow.kernels.reference import decode_attention_ref, fused_add_rmsnorm_ref, rmsnorm_ref
 from radixflow.runtime.attention.torch_backend import TorchAttnBackend
 from radixflow.runtime.forward_batch import ForwardBatch, ForwardMode
 from radixflow.runtime.memory_pool import KVPool, ReqToTokenPool
@@ -92,3 +92,47 @@ def test_backend_uses_kernel_for_plain_decode_and_cascade_for_shared_prefixes():
         want = decode_attention_ref(q, pool.k_buffer[0], pool.v_buffer[0], r2t.req_to_token,
                                     batch.req_pool_indices, batch.seq_lens, 0.125)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (7, 64), (3, 5, 32), (0, 16), (2, 13)])
+def test_rms_norm_kernel_matches_reference(shape):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*shape, generator=g) * 3
+    r = torch.randn(*shape, generator=g)
+    w = torch.randn(shape[-1], generator=g)
+    flat = (-1, shape[-1])
+    got = cpu_ext.rms_norm(x, w, 1e-5)
+    torch.testing.assert_close(got, rmsnorm_ref(x.reshape(flat), w, 1e-5).reshape(shape), rtol=1e-5, atol=1e-6)
+    out, total = cpu_ext.rms_norm(x, w, 1e-5, residual=r)
+    want, want_total = fused_add_rmsnorm_ref(x.reshape(flat), r.reshape(flat), w, 1e-5)
+    assert torch.equal(total, x + r)  # the same fp32 sum the unfused layer computes
+    torch.testing.assert_close(out, want.reshape(shape), rtol=1e-5, atol=1e-6)
+    assert x.numel() == 0 or total.data_ptr() not in (x.data_ptr(), r.data_ptr())  # inputs untouched
+
+
+def test_rms_norm_kernel_rejects_bad_input():
+    x, w = torch.randn(4, 8), torch.randn(8)
+    with pytest.raises(ValueError, match="x must be a contiguous fp32"):
+        cpu_ext.rms_norm(x.t(), torch.randn(4), 1e-5)
+    with pytest.raises(ValueError, match="weight"):
+        cpu_ext.rms_norm(x, torch.randn(7), 1e-5)
+    with pytest.raises(ValueError, match="x must be"):
+        cpu_ext.rms_norm(x.double(), w, 1e-5)
+    with pytest.raises(ValueError, match="residual"):
+        cpu_ext.rms_norm(x, w, 1e-5, residual=torch.randn(4, 9))
+
+
+def test_model_norm_uses_kernel_and_agrees_with_torch_path():
+    from radixflow.runtime.models.llama import RMSNorm
+
+    norm = RMSNorm(32, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(32))
+    x, r = torch.randn(6, 32), torch.randn(6, 32)
+    h, s = norm(x, r)
+    torch.testing.assert_close(h, norm._norm(x + r), rtol=1e-5, atol=1e-6)
+    assert torch.equal(s, x + r)
+    torch.testing.assert_close(norm(x), norm._norm(x), rtol=1e-5, atol=1e-6)
+    # A strided input takes the torch path and gives the same answer.
+    xt = torch.randn(32, 6).t()
+    torch.testing.assert_close(norm(xt), norm(xt.contiguous()), rtol=1e-5, atol=1e-6)
