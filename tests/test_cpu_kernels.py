@@ -29,7 +29,9 @@ def _world(hkv: int, d: int, lens: list[int], scattered: bool, seed: int = 0):
     return k, v, r2t, rows, torch.tensor(lens)
 
 
-@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (4, 4, 32), (8, 1, 128)])
+# G = hq / hkv of 1, 2, 3, 5, 8 and head dims that are and are not multiples of 32 (and of 8:
+# d=36 takes the portable loop) cover every branch of the vectorized path.
+@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (4, 4, 32), (8, 1, 128), (10, 2, 40), (6, 3, 36)])
 @pytest.mark.parametrize("scattered", [False, True])
 def test_decode_kernel_matches_reference(hq, hkv, d, scattered):
     lens = [1, 7, 64, 65, 200, 3]  # block edges: 64 keys per block
