@@ -6,12 +6,15 @@ Workloads (greedy, ignore_eos, so every configuration generates exactly the same
 "direct" sends the same generation requests straight to the runtime engine (tree level by level,
 the batch as one list), so dsl/direct is the DSL's overhead (threads, prefix commits, tracing).
 
-    python benchmarks/agent_workloads.py [--max-tokens 8] [--batch 64] [--depth 3] [--width 3]
+Each configuration runs --repeat times, interleaved with the others; wall times are medians.
+
+    python benchmarks/agent_workloads.py [--max-tokens 8] [--batch 64] [--depth 3] [--width 3] [--repeat 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import radixflow as rf
@@ -98,9 +101,15 @@ def bench(eng: rf.Engine, args: argparse.Namespace, cache: str) -> list[tuple]:
         ("few-shot batch", "direct"): lambda: eng.engine.generate(
             ["Answer each question in one sentence.\n\n" + SHOTS + "Q: " + q + "\nA:" for q in qs], sp),
     }
+    walls: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
+    deltas: dict[tuple[str, str], dict] = {}
+    for _ in range(args.repeat):  # interleaved, so a noisy spell hits every configuration alike
+        for key, fn in runs.items():
+            wall, deltas[key] = measure(eng, fn)
+            walls[key].append(wall)
     rows = []
-    for (workload, mode), fn in runs.items():
-        wall, d = measure(eng, fn)
+    for (workload, mode), ws in walls.items():
+        wall, d = statistics.median(ws), deltas[(workload, mode)]
         gens = n_tree if workload == "tree-of-thought" else args.batch
         hit = 1 - d["computed_prompt_tokens"] / max(d["prompt_tokens"], 1)
         rows.append((workload, cache, mode, wall, gens * args.max_tokens / wall, d["prompt_tokens"],
@@ -116,6 +125,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--width", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=3, help="runs of each configuration; the table shows the median")
     args = p.parse_args()
     rows = []
     for cache, disable in (("on", False), ("off", True)):
@@ -123,7 +133,7 @@ def main() -> None:
         eng.generate("warm up", {"max_new_tokens": 2})
         rows += bench(eng, args, cache)
         eng.shutdown()
-    print(f"\nmax_tokens={args.max_tokens}  tree={args.depth}x{args.width}  batch={args.batch}  "
+    print(f"\nmax_tokens={args.max_tokens}  tree={args.depth}x{args.width}  batch={args.batch}  repeat={args.repeat}  "
           f"device={rows and eng.engine.config.resolved_device()}")
     head = ("workload", "cache", "mode", "wall s", "gen tok/s", "prompt tok", "computed", "cache hit")
     print(f"{head[0]:<16} {head[1]:>5} {head[2]:>6} {head[3]:>8} {head[4]:>10} {head[5]:>10} {head[6]:>9} {head[7]:>9}")
