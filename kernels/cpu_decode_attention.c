@@ -30,16 +30,21 @@ static inline float exp_neg(float x) {
 #define MAX_G 16
 #define MAX_D 256
 
-static void attend_one(const float *q, const float *k_buf, const float *v_buf, const int32_t *slots,
-                       int64_t n, int Hkv, int hk, int G, int D, float scale, float *out) {
-    float acc[MAX_G][MAX_D];
-    float m[MAX_G], l[MAX_G];
-    float s[MAX_G][BLOCK];
+/* The online-softmax state before any key: running max -inf, sum 0, accumulator 0. */
+static void init_state(float acc[][MAX_D], float *m, float *l, int G, int D) {
     for (int g = 0; g < G; g++) {
         m[g] = -INFINITY;
         l[g] = 0.f;
         memset(acc[g], 0, sizeof(float) * D);
     }
+}
+
+static void attend_one(const float *q, const float *k_buf, const float *v_buf, const int32_t *slots,
+                       int64_t n, int Hkv, int hk, int G, int D, float scale, float *out) {
+    float acc[MAX_G][MAX_D];
+    float m[MAX_G], l[MAX_G];
+    float s[MAX_G][BLOCK];
+    init_state(acc, m, l, G, D);
     for (int64_t start = 0; start < n; start += BLOCK) {
         int nb = (int)((n - start) < BLOCK ? (n - start) : BLOCK);
         for (int j = 0; j < nb; j++) {
@@ -162,11 +167,7 @@ static void attend_one_avx2(const float *q, const float *k_buf, const float *v_b
     float m[MAX_G], l[MAX_G];
     const float *kr[BLOCK], *vr[BLOCK];
     const int64_t row = (int64_t)Hkv * D, off = (int64_t)hk * D;
-    for (int g = 0; g < G; g++) {
-        m[g] = -INFINITY;
-        l[g] = 0.f;
-        memset(acc[g], 0, sizeof(float) * D);
-    }
+    init_state(acc, m, l, G, D);
     for (int64_t start = 0; start < n; start += BLOCK) {
         int nb = (int)((n - start) < BLOCK ? (n - start) : BLOCK);
         int64_t next = start + BLOCK;

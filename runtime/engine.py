@@ -80,11 +80,7 @@ class Engine:
             if len(reqs) != 1:
                 raise ValueError("stream=True takes a single prompt with n=1")
             return self._stream(reqs[0])
-        futures = [self._submit_collect(r) for r in reqs]
-        results = [f.result() for f in futures]
-        for res in results:
-            _raise_if_error(res)
-        return results[0] if single and len(results) == 1 else results
+        return self._collect(reqs, single).result()
 
     def submit(self, prompt: str | list[str] | None = None,
                sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None, **kwargs: Any) -> Future:
@@ -99,28 +95,7 @@ class Engine:
                                        kwargs.pop("rid", None))
         if kwargs:
             raise TypeError(f"unexpected argument(s): {sorted(kwargs)}")
-        futures = [self._submit_collect(r) for r in reqs]
-        out: Future = Future()
-        pending = [len(futures)]
-        lock = threading.Lock()
-
-        def one_done(_: Future) -> None:
-            with lock:
-                pending[0] -= 1
-                if pending[0]:
-                    return
-            results = [f.result() for f in futures]
-            try:
-                for res in results:
-                    _raise_if_error(res)
-            except GenerationError as e:
-                out.set_exception(e)
-                return
-            out.set_result(results[0] if single and len(results) == 1 else results)
-
-        for f in futures:
-            f.add_done_callback(one_done)
-        return out
+        return self._collect(reqs, single)
 
     async def async_generate(self, prompt: str | list[str] | None = None,
                              sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
@@ -231,6 +206,32 @@ class Engine:
                 last.append(x)
         self._submit(item, sink)
         return fut
+
+    def _collect(self, reqs: list, single: bool) -> Future:
+        """Submit `reqs`; one future for all their final results (a dict for a single prompt with
+        n=1, else the list in order), or the GenerationError of the first one that was aborted."""
+        futures = [self._submit_collect(r) for r in reqs]
+        out: Future = Future()
+        pending = [len(futures)]
+        lock = threading.Lock()
+
+        def one_done(_: Future) -> None:
+            with lock:
+                pending[0] -= 1
+                if pending[0]:
+                    return
+            results = [f.result() for f in futures]
+            try:
+                for res in results:
+                    _raise_if_error(res)
+            except GenerationError as e:
+                out.set_exception(e)
+                return
+            out.set_result(results[0] if single and len(results) == 1 else results)
+
+        for f in futures:
+            f.add_done_callback(one_done)
+        return out
 
     def _stream(self, item) -> Iterator[dict]:
         q: queue.Queue = queue.Queue()
