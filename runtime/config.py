@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-GEMM_BACKENDS = ("auto", "torch", "openblas")
+GEMM_BACKENDS = ("auto", "torch", "openblas", "packed")
 SCHEDULE_POLICIES = ("lpm", "dfs-weight", "fcfs")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -41,7 +41,7 @@ class EngineConfig:
     disable_jump_forward: bool = False
     disable_mixed_batch: bool = False  # True: prefill steps and decode steps alternate, never share a forward
     num_threads: int | None = None  # torch CPU threads; None = leave as is
-    cpu_gemm: str = "auto"  # fp32 CPU matmuls: auto (timed at load) | torch | openblas
+    cpu_gemm: str = "auto"  # fp32 CPU matmuls: auto | torch | openblas | packed (see runtime/cpu_gemm.py)
     random_seed: int = 0
     stream_interval: int = 1
 

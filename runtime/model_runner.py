@@ -10,6 +10,7 @@ import time
 import torch
 from safetensors import safe_open
 
+from radixflow.kernels import cpu_ext
 from radixflow.runtime import cpu_gemm
 from radixflow.runtime.attention.base import AttentionBackend
 from radixflow.runtime.config import EngineConfig
@@ -88,8 +89,13 @@ class ModelRunner:
     def _choose_gemm(self, pref: str) -> str:
         if self.device.type != "cpu" or self.dtype != torch.float32:
             return "torch"
+        if pref == "packed" and not cpu_ext.available():
+            raise ValueError("cpu_gemm='packed' needs radixflow's CPU kernels, which could not be built "
+                             "(no C compiler, or RADIXFLOW_DISABLE_CPU_EXT=1)")
         if pref != "auto":
             return pref
+        if cpu_ext.available():
+            return "packed"
         mlp = self.model.layers[0].mlp.gate_up_proj.weight  # the largest per-layer weight
         return cpu_gemm.probe(mlp)
 

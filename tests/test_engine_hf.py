@@ -90,9 +90,9 @@ def test_prefill_logits_match_hf(engine, hf_model, prompt_ids):
             assert max(abs(a[0] - b) for a, b in zip(tops[pos], vals.tolist())) < 1e-3
 
 
-@pytest.mark.parametrize("gemm", ["torch", "openblas"])
+@pytest.mark.parametrize("gemm", ["torch", "openblas", "packed"])
 def test_each_cpu_gemm_backend_matches_hf(default_model_path, hf_model, prompt_ids, hf_outputs, gemm):
-    """Both BLAS paths (runtime/cpu_gemm.py) give HF's greedy tokens and prefill logits."""
+    """Every CPU matmul path (runtime/cpu_gemm.py) gives HF's greedy tokens and prefill logits."""
     from radixflow.runtime.engine import Engine
 
     with Engine(default_model_path, max_total_tokens=2048, max_running_requests=4, cpu_gemm=gemm) as eng:

@@ -18,11 +18,15 @@ from radixflow.runtime.model_config import ModelConfig
 
 
 class Linear(nn.Linear):
-    """nn.Linear that can run on numpy's OpenBLAS instead of torch's BLAS (see cpu_gemm)."""
+    """nn.Linear that can run on radixflow's packed-weight kernel or numpy's OpenBLAS instead of
+    torch's BLAS (see cpu_gemm)."""
 
     _wt = None  # (in, out) numpy view of the weight when the OpenBLAS path is on
+    _packed = None  # cpu_ext.pack_weight(weight) when the packed path is on
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None:
+            return cpu_ext.linear_packed(x, self._packed, self.out_features, self.bias)
         if self._wt is not None:
             return openblas_linear(x, self._wt, self.bias)
         return F.linear(x, self.weight, self.bias)
@@ -221,21 +225,31 @@ class LlamaForCausalLM(nn.Module):
         """(N, hidden) -> fp32 logits (N, vocab)."""
         if self.lm_head is not None:
             return self.lm_head(hidden).float()
+        if self._embed_packed is not None:
+            return cpu_ext.linear_packed(hidden, self._embed_packed, self.cfg.vocab_size)
         if self._embed_wt is not None:
             return openblas_linear(hidden, self._embed_wt)
         return F.linear(hidden, self.embed_tokens.weight).float()
 
     _embed_wt = None  # numpy view of the tied embedding's transpose, on the OpenBLAS path
+    _embed_packed = None  # the tied embedding packed for cpu_ext.linear_packed, on the packed path
 
     def set_gemm_backend(self, name: str) -> None:
-        """'openblas': every linear (and the tied lm_head) runs on numpy's BLAS; 'torch': on
-        torch's. Call after the weights are loaded and cast; weights that are not contiguous
-        fp32 CPU tensors stay on torch."""
-        assert name in ("torch", "openblas"), name
+        """'packed': every linear (and the tied lm_head) runs on cpu_ext's packed-weight kernel
+        (the weights are packed once here, a second copy of them); 'openblas': on numpy's BLAS;
+        'torch': on torch's. Call after the weights are loaded and cast; weights that are not
+        contiguous fp32 CPU tensors stay on torch."""
+        assert name in ("torch", "openblas", "packed"), name
+
+        def pack(w: torch.Tensor) -> torch.Tensor | None:
+            return cpu_ext.pack_weight(w.detach()) if name == "packed" and numpy_view_t(w) is not None else None
+
         for m in self.modules():
             if isinstance(m, Linear):
                 m._wt = numpy_view_t(m.weight) if name == "openblas" else None
+                m._packed = pack(m.weight)
         self._embed_wt = numpy_view_t(self.embed_tokens.weight) if name == "openblas" else None
+        self._embed_packed = pack(self.embed_tokens.weight) if self.lm_head is None else None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load Hugging Face-named tensors, fusing q/k/v and gate/up; every parameter must be set."""
