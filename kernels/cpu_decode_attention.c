@@ -9,6 +9,7 @@
  * seq_lens[b]: number of keys of request b (>= 1)
  */
 #include <math.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -219,26 +220,50 @@ static void attend_one_avx2(const float *q, const float *k_buf, const float *v_b
 }
 #endif
 
-/* Returns 0, or -1 if the shapes exceed the kernel's fixed limits (the caller falls back). */
-int decode_attention_f32(const float *q, const float *k_buf, const float *v_buf,
-                         const int32_t *req_to_token, int64_t r2t_stride, const int64_t *rows,
-                         const int64_t *seq_lens, int B, int H, int Hkv, int D, float scale,
-                         float *out) {
-    int G = H / Hkv;
-    if (G > MAX_G || D > MAX_D || G * Hkv != H) return -1;
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t item = 0; item < (int64_t)B * Hkv; item++) {
+typedef void (*rf_task)(void *arg, int t, int n);
+void rf_parallel(rf_task fn, void *arg, int n);  /* cpu_pool.c */
+
+typedef struct {
+    const float *q, *k_buf, *v_buf;
+    const int32_t *req_to_token;
+    int64_t r2t_stride;
+    const int64_t *rows, *seq_lens;
+    int B, H, Hkv, D, G;
+    float scale;
+    float *out;
+    _Atomic int64_t next;  /* items are taken one at a time: requests differ in length */
+} attn_args;
+
+static void attn_part(void *p, int t, int n) {
+    (void)t;
+    (void)n;
+    attn_args *a = p;
+    int Hkv = a->Hkv, G = a->G, D = a->D, H = a->H;
+    for (int64_t item; (item = atomic_fetch_add(&a->next, 1)) < (int64_t)a->B * Hkv;) {
         int b = (int)(item / Hkv), hk = (int)(item % Hkv);
-        const int32_t *slots = req_to_token + rows[b] * r2t_stride;
-        const float *qb = q + ((int64_t)b * H + (int64_t)hk * G) * D;
-        float *ob = out + ((int64_t)b * H + (int64_t)hk * G) * D;
+        const int32_t *slots = a->req_to_token + a->rows[b] * a->r2t_stride;
+        const float *qb = a->q + ((int64_t)b * H + (int64_t)hk * G) * D;
+        float *ob = a->out + ((int64_t)b * H + (int64_t)hk * G) * D;
 #if defined(__AVX2__) && defined(__FMA__)
         if (D % 8 == 0) {
-            attend_one_avx2(qb, k_buf, v_buf, slots, seq_lens[b], Hkv, hk, G, D, scale, ob);
+            attend_one_avx2(qb, a->k_buf, a->v_buf, slots, a->seq_lens[b], Hkv, hk, G, D, a->scale, ob);
             continue;
         }
 #endif
-        attend_one(qb, k_buf, v_buf, slots, seq_lens[b], Hkv, hk, G, D, scale, ob);
+        attend_one(qb, a->k_buf, a->v_buf, slots, a->seq_lens[b], Hkv, hk, G, D, a->scale, ob);
     }
+}
+
+/* Returns 0, or -1 if the shapes exceed the kernel's fixed limits (the caller falls back).
+ * (request, kv head) items are shared among `threads` threads (cpu_pool.c). */
+int decode_attention_f32(const float *q, const float *k_buf, const float *v_buf,
+                         const int32_t *req_to_token, int64_t r2t_stride, const int64_t *rows,
+                         const int64_t *seq_lens, int B, int H, int Hkv, int D, float scale,
+                         float *out, int threads) {
+    int G = H / Hkv;
+    if (G > MAX_G || D > MAX_D || G * Hkv != H) return -1;
+    attn_args a = {q, k_buf, v_buf, req_to_token, r2t_stride, rows, seq_lens, B, H, Hkv, D, G, scale, out, 0};
+    int items = B * Hkv;
+    rf_parallel(attn_part, &a, items < threads ? items : threads);
     return 0;
 }

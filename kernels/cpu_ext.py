@@ -9,8 +9,10 @@
       fp32 linear on a weight packed once into 16-column panels (source: cpu_gemm.c): about 1.8x
       OpenBLAS at the 1-64 rows of decoding, on par at prefill sizes.
 
-The library is built once per version of the sources and CPU (-O3 -march=native -fopenmp, about a
-second) into the radixflow cache folder. Without a compiler, or with RADIXFLOW_DISABLE_CPU_EXT=1,
+The library is built once per version of the sources and CPU (-O3 -march=native, about a second)
+into the radixflow cache folder. The kernels split their work on their own thread pool (cpu_pool.c:
+workers that spin between the calls of a forward pass instead of OpenMP's sleep and wake-up), with
+torch.get_num_threads() threads. Without a compiler, or with RADIXFLOW_DISABLE_CPU_EXT=1,
 `available()` is False and callers keep their PyTorch path. Reference: reference.decode_attention_ref.
 """
 
@@ -31,11 +33,11 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SRCS = [Path(__file__).with_name(n) for n in ("cpu_decode_attention.c", "cpu_rmsnorm.c", "cpu_gemm.c")]
+_SRCS = [Path(__file__).with_name(n) for n in ("cpu_decode_attention.c", "cpu_rmsnorm.c", "cpu_gemm.c", "cpu_pool.c")]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
-_FLAGS_VERSION = b"2"  # bump when the compiler flags change
+_FLAGS_VERSION = b"3"  # bump when the compiler flags change
 
 
 def _cpu_key() -> str:
@@ -56,8 +58,8 @@ def _build(out: Path) -> None:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_so = Path(tmp) / out.name
         # Reassociation lets the dot products vectorize; no -ffast-math (the kernel relies on -inf).
-        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
-               "-fno-trapping-math", "-shared", "-fPIC", *map(str, _SRCS), "-o", str(tmp_so), "-lm"]
+        cmd = [cc, "-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
+               "-fno-trapping-math", "-shared", "-fPIC", *map(str, _SRCS), "-o", str(tmp_so), "-lm", "-pthread"]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if res.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {res.stderr.strip()[:500]}")
@@ -85,13 +87,13 @@ def _load() -> ctypes.CDLL | None:
             logger.warning("CPU kernels unavailable, using the PyTorch path: %s", e)
             return None
         p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-        lib.decode_attention_f32.argtypes = [p, p, p, p, i64, p, p, i32, i32, i32, i32, f32, p]
+        lib.decode_attention_f32.argtypes = [p, p, p, p, i64, p, p, i32, i32, i32, i32, f32, p, i32]
         lib.decode_attention_f32.restype = i32
         lib.rmsnorm_f32.argtypes = [p, p, p, i64, i64, f32, p, p]
         lib.rmsnorm_f32.restype = None
         lib.gemm_pack_f32.argtypes = [p, i64, i64, p]
         lib.gemm_pack_f32.restype = None
-        lib.gemm_packed_f32.argtypes = [p, i64, p, p, i64, i64, i64, p, i64]
+        lib.gemm_packed_f32.argtypes = [p, i64, p, p, i64, i64, i64, p, i64, i32]
         lib.gemm_packed_f32.restype = None
         _lib = lib
         return lib
@@ -128,7 +130,8 @@ def decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
     out = torch.empty_like(q)
     rc = lib.decode_attention_f32(q.data_ptr(), k_buffer.data_ptr(), v_buffer.data_ptr(),
                                   req_to_token.data_ptr(), req_to_token.stride(0), rows.data_ptr(),
-                                  seq_lens.data_ptr(), B, H, Hkv, D, float(scale), out.data_ptr())
+                                  seq_lens.data_ptr(), B, H, Hkv, D, float(scale), out.data_ptr(),
+                                  torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"shape not supported by the CPU kernel: {H} q heads, {Hkv} kv heads, head_dim {D}")
     return out
@@ -206,5 +209,5 @@ def linear_packed(x: torch.Tensor, packed: torch.Tensor, out_features: int,
     if M:
         lib.gemm_packed_f32(x2.data_ptr(), x2.stride(0) if M > 1 else K, packed.data_ptr(),
                             None if bias is None else bias.data_ptr(), M, out_features, K, out.data_ptr(),
-                            out_features)
+                            out_features, torch.get_num_threads())
     return out.view(*x.shape[:-1], out_features)

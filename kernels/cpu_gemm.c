@@ -11,7 +11,9 @@
  */
 #include <stdint.h>
 #include <string.h>
-#include <omp.h>
+
+typedef void (*rf_task)(void *arg, int t, int n);
+void rf_parallel(rf_task fn, void *arg, int n);  /* cpu_pool.c */
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -24,7 +26,6 @@
 
 void gemm_pack_f32(const float *w, int64_t N, int64_t K, float *packed) {
     int64_t P = (N + NR - 1) / NR;
-#pragma omp parallel for schedule(static)
     for (int64_t p = 0; p < P; p++) {
         float *dst = packed + p * K * NR;
         for (int j = 0; j < NR; j++) {
@@ -113,32 +114,40 @@ static void tile_any(int m, const float *x, int64_t ldx, const float *panel, int
     }
 }
 
-/* y (M, N), row stride ldy = x (M, K), row stride ldx, @ W^T (+ bias (N) or NULL); packed by gemm_pack_f32. */
-void gemm_packed_f32(const float *x, int64_t ldx, const float *packed, const float *bias, int64_t M, int64_t N,
-                     int64_t K, float *y, int64_t ldy) {
-    int64_t P = (N + NR - 1) / NR;
-    int nt = omp_get_max_threads();
-    if (nt > P) nt = (int)P;
-#pragma omp parallel num_threads(nt)
-    {
-        int t = omp_get_thread_num(), T = omp_get_num_threads();
-        int64_t p0 = P * t / T, p1 = P * (t + 1) / T;
-        float acc[MR * NR];
-        for (int64_t p = p0; p < p1; p++) {
-            const float *panel = packed + p * K * NR;
-            int64_t n0 = p * NR, nv = N - n0 < NR ? N - n0 : NR;
-            for (int64_t r = 0; r < M; r += MR) {
-                int m = M - r < MR ? (int)(M - r) : MR;
-                tile_any(m, x + r * ldx, ldx, panel, K, acc);
-                for (int i = 0; i < m; i++) {
-                    float *dst = y + (r + i) * ldy + n0;
-                    const float *src = acc + i * NR;
-                    if (bias)
-                        for (int64_t j = 0; j < nv; j++) dst[j] = src[j] + bias[n0 + j];
-                    else
-                        memcpy(dst, src, (size_t)nv * sizeof(float));
-                }
+typedef struct {
+    const float *x, *packed, *bias;
+    int64_t ldx, M, N, K, ldy;
+    float *y;
+} gemm_args;
+
+static void gemm_part(void *p, int t, int T) {
+    const gemm_args *a = p;
+    int64_t P = (a->N + NR - 1) / NR, K = a->K;
+    int64_t p0 = P * t / T, p1 = P * (t + 1) / T;
+    float acc[MR * NR];
+    for (int64_t q = p0; q < p1; q++) {
+        const float *panel = a->packed + q * K * NR;
+        int64_t n0 = q * NR, nv = a->N - n0 < NR ? a->N - n0 : NR;
+        for (int64_t r = 0; r < a->M; r += MR) {
+            int m = a->M - r < MR ? (int)(a->M - r) : MR;
+            tile_any(m, a->x + r * a->ldx, a->ldx, panel, K, acc);
+            for (int i = 0; i < m; i++) {
+                float *dst = a->y + (r + i) * a->ldy + n0;
+                const float *src = acc + i * NR;
+                if (a->bias)
+                    for (int64_t j = 0; j < nv; j++) dst[j] = src[j] + a->bias[n0 + j];
+                else
+                    memcpy(dst, src, (size_t)nv * sizeof(float));
             }
         }
     }
+}
+
+/* y (M, N), row stride ldy = x (M, K), row stride ldx, @ W^T (+ bias (N) or NULL); packed by
+ * gemm_pack_f32. The panels are split among `threads` threads (cpu_pool.c). */
+void gemm_packed_f32(const float *x, int64_t ldx, const float *packed, const float *bias, int64_t M, int64_t N,
+                     int64_t K, float *y, int64_t ldy, int threads) {
+    gemm_args a = {x, packed, bias, ldx, M, N, K, ldy, y};
+    int64_t P = (N + NR - 1) / NR;
+    rf_parallel(gemm_part, &a, P < threads ? (int)P : threads);
 }
