@@ -44,6 +44,9 @@ class EngineConfig:
     cpu_gemm: str = "auto"  # fp32 CPU matmuls: auto | torch | openblas | packed (see runtime/cpu_gemm.py)
     random_seed: int = 0
     stream_interval: int = 1
+    # An idle in-process Engine that starts receiving requests waits for each next one while they
+    # keep coming less than this apart (up to 10x it in all), so a burst starts as one batch.
+    arrival_gap_ms: float = 2.0
 
     def __post_init__(self) -> None:
         if self.schedule_policy not in SCHEDULE_POLICIES:
@@ -63,6 +66,8 @@ class EngineConfig:
             raise ValueError("max_running_requests must be >= 1")
         if self.max_prefill_tokens < 16:
             raise ValueError("max_prefill_tokens must be >= 16")
+        if self.arrival_gap_ms < 0:
+            raise ValueError(f"arrival_gap_ms must be >= 0, got {self.arrival_gap_ms}")
         if self.stream_interval < 1:
             raise ValueError("stream_interval must be >= 1")
 

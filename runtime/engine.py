@@ -49,6 +49,7 @@ class Engine:
         self._counter = itertools.count()
         self._closed = False
         self._failure = "the engine has been shut down"
+        self.arrival_gap_ms = self.config.arrival_gap_ms  # see EngineConfig; may be changed at any time
         self._thread = threading.Thread(target=self._loop, name="radixflow-scheduler", daemon=True)
         self._thread.start()
 
@@ -255,16 +256,29 @@ class Engine:
 
     # ---- the scheduler thread -------------------------------------------------------------
 
+    def _next_message(self, block: bool, burst_end: float | None) -> tuple | None:
+        """The next inbox message, or None when it is time to step. `block`: wait for one.
+        Once requests start arriving at an idle engine (burst_end set), waits up to arrival_gap_ms
+        for each next one, until burst_end: a burst from many threads (the DSL's run_batch, forks)
+        then starts as one batch, instead of a first prefill of the few requests that came first
+        with the rest a whole step behind them."""
+        try:
+            if block:
+                return self._inbox.get()
+            wait = 0.0 if burst_end is None else min(self.arrival_gap_ms / 1000, burst_end - time.monotonic())
+            return self._inbox.get(timeout=wait) if wait > 0 else self._inbox.get_nowait()
+        except queue.Empty:
+            return None
+
     def _loop(self) -> None:
         sched = self.scheduler
         while True:
-            block = not sched.has_work()
+            block, burst_end = not sched.has_work(), None
+            gap = self.arrival_gap_ms / 1000
             try:
-                while True:
-                    try:
-                        msg = self._inbox.get(block=block, timeout=None)
-                    except queue.Empty:
-                        break
+                while (msg := self._next_message(block, burst_end)) is not None:
+                    if block and msg[0] == "add" and gap > 0:
+                        burst_end = time.monotonic() + 10 * gap
                     block = False
                     if msg[0] == "stop":
                         for rid in list(self._sinks):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 
 import pytest
 
+from radixflow.runtime.config import EngineConfig
 from radixflow.runtime.engine import GenerationError
 
 PROMPT = "Write a short story about a cat who learns to fly."
@@ -191,6 +193,32 @@ def test_submit_returns_at_once_and_schedules_in_order(engine, greedy):
         engine.submit("hi", {"temperature": -1})
     with pytest.raises(GenerationError, match="regex"):
         engine.submit("hi", {"regex": "(unclosed"}).result()
+
+
+def test_a_burst_at_an_idle_engine_starts_as_one_batch(engine):
+    """Requests sent a few ms apart (threads of a run_batch) to an idle engine are prefilled in
+    one step: it waits up to arrival_gap_ms for each next one. Without the wait (the control),
+    the first request starts alone."""
+    saved = engine.arrival_gap_ms
+
+    def prefill_steps(gap_ms: float, spacing: float) -> int:
+        engine.arrival_gap_ms = gap_ms  # read each time the scheduler thread wakes
+        before = engine.get_server_info()
+        futs = []
+        for i in range(4):
+            futs.append(engine.submit(f"Burst {gap_ms} request {i}:", {"max_new_tokens": 2, "temperature": 0}))
+            time.sleep(spacing)
+        assert all(len(f.result()["output_ids"]) == 2 for f in futs)
+        after = engine.get_server_info()
+        return sum(after[k] - before[k] for k in ("extend_steps", "mixed_steps"))
+
+    try:
+        assert prefill_steps(50, 0.01) == 1
+        assert prefill_steps(0, 0.3) >= 2
+    finally:
+        engine.arrival_gap_ms = saved
+    with pytest.raises(ValueError, match="arrival_gap_ms must be >= 0"):
+        EngineConfig(arrival_gap_ms=-1)
 
 
 def test_async_generate_matches_generate(engine, greedy):
