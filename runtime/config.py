@@ -45,8 +45,9 @@ class EngineConfig:
     random_seed: int = 0
     stream_interval: int = 1
     # An idle in-process Engine that starts receiving requests waits for each next one while they
-    # keep coming less than this apart (up to 10x it in all), so a burst starts as one batch.
-    arrival_gap_ms: float = 2.0
+    # keep coming less than this apart (and less than a tenth of a step; one step's time in all),
+    # so a burst from many threads starts as one batch. 0 turns it off.
+    arrival_gap_ms: float = 10.0
 
     def __post_init__(self) -> None:
         if self.schedule_policy not in SCHEDULE_POLICIES:

@@ -256,29 +256,33 @@ class Engine:
 
     # ---- the scheduler thread -------------------------------------------------------------
 
-    def _next_message(self, block: bool, burst_end: float | None) -> tuple | None:
-        """The next inbox message, or None when it is time to step. `block`: wait for one.
-        Once requests start arriving at an idle engine (burst_end set), waits up to arrival_gap_ms
-        for each next one, until burst_end: a burst from many threads (the DSL's run_batch, forks)
-        then starts as one batch, instead of a first prefill of the few requests that came first
-        with the rest a whole step behind them."""
+    def _next_message(self, block: bool, burst_end: float | None, gap: float) -> tuple | None:
+        """The next inbox message, or None when it is time to step. `block`: wait for one. During
+        a burst (burst_end set) waits up to `gap` seconds for each next one, until burst_end."""
         try:
             if block:
                 return self._inbox.get()
-            wait = 0.0 if burst_end is None else min(self.arrival_gap_ms / 1000, burst_end - time.monotonic())
+            wait = 0.0 if burst_end is None else min(gap, burst_end - time.monotonic())
             return self._inbox.get(timeout=wait) if wait > 0 else self._inbox.get_nowait()
         except queue.Empty:
             return None
 
     def _loop(self) -> None:
+        # Requests that reach an idle engine a few ms apart (the threads of a DSL run_batch, a
+        # fork's branches) would otherwise start with whichever came first, and the rest would
+        # wait a whole step behind them. So once requests start arriving at an idle engine, it
+        # waits for each next one while they keep coming less than `gap` apart: arrival_gap_ms,
+        # but at most a tenth of a step (so the wait stays small next to the step a straggler
+        # would lose), and one step's time in all.
         sched = self.scheduler
+        step_s = 0.05  # running mean of a step's duration
         while True:
             block, burst_end = not sched.has_work(), None
-            gap = self.arrival_gap_ms / 1000
+            gap = min(self.arrival_gap_ms / 1000, 0.1 * step_s)
             try:
-                while (msg := self._next_message(block, burst_end)) is not None:
+                while (msg := self._next_message(block, burst_end, gap)) is not None:
                     if block and msg[0] == "add" and gap > 0:
-                        burst_end = time.monotonic() + 10 * gap
+                        burst_end = time.monotonic() + max(step_s, gap)
                     block = False
                     if msg[0] == "stop":
                         for rid in list(self._sinks):
@@ -288,7 +292,9 @@ class Engine:
                         return
                     self._handle(msg)
                 if sched.has_work():
+                    t = time.perf_counter()
                     outputs = sched.step()
+                    step_s = 0.8 * step_s + 0.2 * (time.perf_counter() - t)
                 else:
                     outputs, sched.outbox = sched.outbox, []
                 self._route(outputs)

@@ -213,7 +213,7 @@ def test_a_burst_at_an_idle_engine_starts_as_one_batch(engine):
         return sum(after[k] - before[k] for k in ("extend_steps", "mixed_steps"))
 
     try:
-        assert prefill_steps(50, 0.01) == 1
+        assert prefill_steps(50, 0.001) == 1
         assert prefill_steps(0, 0.3) >= 2
     finally:
         engine.arrival_gap_ms = saved

@@ -224,21 +224,40 @@ def test_short_common_header_is_folded_into_each_group():
 
 
 @HEADS
-def test_extend_then_decode_with_shared_prefixes(heads):
+@pytest.mark.parametrize("kernel", [False, True], ids=["torch", "cpu-kernel"])
+def test_extend_then_decode_with_shared_prefixes(heads, kernel):
+    """With the CPU kernel, extends of up to 128 tokens are attended by it (a query per token),
+    longer ones by SDPA, both in one batch when they meet."""
+    from radixflow.kernels import cpu_ext
+
+    if kernel and not cpu_ext.available():
+        pytest.skip("no C compiler for the CPU kernels")
     hq, hkv = heads
     world = World(hkv)
-    backend = TorchAttnBackend(world.kv_pool, world.r2t, use_cpu_kernel=False)
+    backend = TorchAttnBackend(world.kv_pool, world.r2t, use_cpu_kernel=kernel)
     world.add_cached(0, 0)
     world.run_and_check(backend, world.batch(ForwardMode.EXTEND, [0], [120]), hq)
     for row in (1, 2, 3):  # radix hits on request 0's prompt, then their own tokens
         world.add_cached(row, 100, share_from=0, shared=100)
-    world.run_and_check(backend, world.batch(ForwardMode.EXTEND, [1, 2, 3], [7, 30, 1]), hq)
+    batch = world.batch(ForwardMode.EXTEND, [1, 2, 3], [7, 30, 1])
+    world.run_and_check(backend, batch, hq)
+    assert (batch.attn_metadata.kernel is not None) == kernel
+    assert len(batch.attn_metadata.sdpa) == (0 if kernel else 3)
     for _ in range(2):
         batch = world.batch(ForwardMode.DECODE, [0, 1, 2, 3])
         world.run_and_check(backend, batch, hq)
         assert segment_rows(batch) == [([0, 1, 2, 3], 100)]
     # A chunked-prefill continuation next to a decode-like request, in one EXTEND batch.
     world.run_and_check(backend, world.batch(ForwardMode.EXTEND, [2, 3], [20, 1]), hq)
+    # A long prompt (SDPA) ahead of short extends (the kernel, its queries not first in the batch).
+    world.add_cached(4, 0)
+    world.add_cached(5, 60, share_from=0, shared=50)
+    batch = world.batch(ForwardMode.EXTEND, [4, 1, 5], [150, 3, 9])
+    world.run_and_check(backend, batch, hq)
+    meta = batch.attn_metadata
+    assert [e for _, e, _, _ in meta.sdpa] == ([150] if kernel else [150, 3, 9])
+    if kernel:
+        assert meta.kernel[0].tolist() == list(range(150, 162))
 
 
 def test_shared_prefix_segments_never_reach_the_last_key():
@@ -324,6 +343,7 @@ def test_mixed_batch_prefill_and_decode_tail(heads, dtype, kernel):
         batch = world.batch(ForwardMode.EXTEND, [0, *tail], [17] + [1] * len(tail), num_decode=len(tail))
         world.run_and_check(backend, batch, hq)
         meta = batch.attn_metadata
-        assert len(meta.kv_indices) == 1 and meta.decode is not None
+        assert len(meta.sdpa) == (0 if kernel else 1) and meta.decode is not None
+        assert (meta.kernel is not None) == kernel
         assert bool(meta.decode.segments) == (tail != [1, 2, 6])
         assert meta.decode.in_place == (kernel and tail == [1, 2, 6])

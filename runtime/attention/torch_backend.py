@@ -22,10 +22,19 @@ from radixflow.runtime.forward_batch import ForwardBatch, ForwardMode
 _CALL_COST_ROWS = 256
 
 
+# Extends up to this many tokens (radix-cache hits, agent branches) go to the CPU kernel, one query
+# per token; longer prompts to SDPA, whose per-call cost is then small next to the work.
+_KERNEL_MAX_EXTEND = 128
+
+
 @dataclass
 class _ExtendMeta:
-    kv_indices: list[torch.Tensor]  # per extend request: int64 (seq_len,) pool slots
-    masks: list[torch.Tensor | None]  # per extend request: bool (extend, seq_len) or None for plain causal
+    # Per extend request attended by SDPA: (first token in the batch, extend length, int64
+    # (seq_len,) pool slots, bool (extend, seq_len) mask or None for plain causal).
+    sdpa: list[tuple[int, int, torch.Tensor, torch.Tensor | None]]
+    # The CPU kernel's queries, one per token of the other extend requests: (positions in the
+    # batch, or None for the first n tokens in order; int64 (n,) pool rows; int64 (n,) key counts).
+    kernel: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None = None
     decode: _DecodeMeta | None = None  # mixed batch: the plan of its decode tail
 
 
@@ -199,19 +208,30 @@ class TorchAttnBackend(AttentionBackend):
             batch.attn_metadata = self._plan_decode(rows, batch.seq_lens, batch.seq_lens_cpu)
             return
         n_ext = batch.batch_size - batch.num_decode
-        kv_indices, masks = [], []
+        sdpa, k_pos, k_rows, k_lens, start = [], [], [], [], 0
+        rows_cpu = rows[:n_ext].tolist()
         for i, (p, e) in enumerate(zip(batch.prefix_lens_cpu[:n_ext], batch.extend_lens_cpu[:n_ext])):
-            kv_indices.append(r2t[rows[i], :p + e].to(torch.int64))
-            if p == 0:
-                masks.append(None)
+            if self.use_cpu_kernel and e <= _KERNEL_MAX_EXTEND:
+                k_pos.extend(range(start, start + e))
+                k_rows.extend([rows_cpu[i]] * e)
+                k_lens.extend(range(p + 1, p + e + 1))
+            elif p == 0:
+                sdpa.append((start, e, r2t[rows[i], :e].to(torch.int64), None))
             else:
                 q_pos = torch.arange(p, p + e, device=r2t.device)
-                k_pos = torch.arange(p + e, device=r2t.device)
-                masks.append(k_pos[None, :] <= q_pos[:, None])
+                k_idx = torch.arange(p + e, device=r2t.device)
+                sdpa.append((start, e, r2t[rows[i], :p + e].to(torch.int64), k_idx[None, :] <= q_pos[:, None]))
+            start += e
+        kernel = None
+        if k_pos:
+            dev = r2t.device
+            pos = None if k_pos[-1] == len(k_pos) - 1 else torch.tensor(k_pos, dtype=torch.int64, device=dev)
+            kernel = (pos, torch.tensor(k_rows, dtype=torch.int64, device=dev),
+                      torch.tensor(k_lens, dtype=torch.int64, device=dev))
         decode = None
         if batch.num_decode:
             decode = self._plan_decode(rows[n_ext:], batch.seq_lens[n_ext:], batch.seq_lens_cpu[n_ext:])
-        batch.attn_metadata = _ExtendMeta(kv_indices, masks, decode)
+        batch.attn_metadata = _ExtendMeta(sdpa, kernel, decode)
 
     def _plan_decode(self, rows: torch.Tensor, seq_lens: torch.Tensor, lens: list[int]) -> _DecodeMeta:
         """Cascade when shared prefixes save more gathered rows than the extra calls cost; else
@@ -278,21 +298,29 @@ class TorchAttnBackend(AttentionBackend):
         meta: _ExtendMeta = batch.attn_metadata
         T, H, D = q.shape
         out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
-        start = 0
         if meta.decode is not None:  # mixed batch: the last num_decode tokens are decode queries
             n = batch.num_decode
             out[T - n:] = self._decode(q[T - n:], layer_id, meta.decode, scale).view(n, H, D)
-        for i, e in enumerate(batch.extend_lens_cpu[:batch.batch_size - batch.num_decode]):
+        if meta.kernel is not None:
+            from radixflow.kernels import cpu_ext
+
+            pos, rows, lens = meta.kernel
+            qk = q[:rows.numel()] if pos is None else q.index_select(0, pos)
+            o = cpu_ext.decode_attention(qk, self.kv_pool.k_buffer[layer_id], self.kv_pool.v_buffer[layer_id],
+                                         self.req_to_token_pool.req_to_token, rows, lens, scale)
+            if pos is None:
+                out[:rows.numel()] = o
+            else:
+                out.index_copy_(0, pos, o)
+        for start, e, kv_indices, mask in meta.sdpa:
             qi = q[start:start + e].transpose(0, 1)  # (H, e, D)
-            k, v = self._gather(layer_id, meta.kv_indices[i])
+            k, v = self._gather(layer_id, kv_indices)
             ki = k.transpose(0, 1).to(q.dtype)  # (Hkv, L, D)
             vi = v.transpose(0, 1).to(q.dtype)
-            mask = meta.masks[i]
             oi = F.scaled_dot_product_attention(
                 qi.unsqueeze(0), ki.unsqueeze(0), vi.unsqueeze(0), attn_mask=mask,
                 is_causal=mask is None, scale=scale, enable_gqa=ki.shape[0] != H)
             out[start:start + e] = oi[0].transpose(0, 1)
-            start += e
         return out.view(T, H * D)
 
     def forward_decode(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch,
