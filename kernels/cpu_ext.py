@@ -91,7 +91,7 @@ def _load() -> ctypes.CDLL | None:
         lib.decode_attention_f32.restype = i32
         lib.rmsnorm_f32.argtypes = [p, p, p, i64, i64, f32, p, p]
         lib.rmsnorm_f32.restype = None
-        lib.gemm_pack_f32.argtypes = [p, i64, i64, p]
+        lib.gemm_pack_f32.argtypes = [p, i64, i64, p, i32]
         lib.gemm_pack_f32.restype = None
         lib.gemm_packed_f32.argtypes = [p, i64, p, p, i64, i64, i64, p, i64, i32]
         lib.gemm_packed_f32.restype = None
@@ -181,7 +181,7 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     _check_rows("weight", weight, tuple(weight.shape))
     N, K = weight.shape
     packed = torch.empty((N + _NR - 1) // _NR * K * _NR)
-    lib.gemm_pack_f32(weight.data_ptr(), N, K, packed.data_ptr())
+    lib.gemm_pack_f32(weight.data_ptr(), N, K, packed.data_ptr(), torch.get_num_threads())
     return packed
 
 

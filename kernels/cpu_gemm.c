@@ -24,16 +24,29 @@ void rf_parallel(rf_task fn, void *arg, int n);  /* cpu_pool.c */
 #define PF 32
 #endif
 
-void gemm_pack_f32(const float *w, int64_t N, int64_t K, float *packed) {
-    int64_t P = (N + NR - 1) / NR;
-    for (int64_t p = 0; p < P; p++) {
-        float *dst = packed + p * K * NR;
+typedef struct {
+    const float *w;
+    int64_t N, K;
+    float *packed;
+} pack_args;
+
+static void pack_part(void *p, int t, int T) {
+    const pack_args *a = p;
+    int64_t P = (a->N + NR - 1) / NR, K = a->K;
+    for (int64_t q = P * t / T; q < P * (t + 1) / T; q++) {
+        float *dst = a->packed + q * K * NR;
         for (int j = 0; j < NR; j++) {
-            int64_t n = p * NR + j;
-            const float *src = w + n * K;
-            for (int64_t k = 0; k < K; k++) dst[k * NR + j] = n < N ? src[k] : 0.f;
+            int64_t n = q * NR + j;
+            const float *src = a->w + n * K;
+            for (int64_t k = 0; k < K; k++) dst[k * NR + j] = n < a->N ? src[k] : 0.f;
         }
     }
+}
+
+void gemm_pack_f32(const float *w, int64_t N, int64_t K, float *packed, int threads) {
+    pack_args a = {w, N, K, packed};
+    int64_t P = (N + NR - 1) / NR;
+    rf_parallel(pack_part, &a, P < threads ? (int)P : threads);
 }
 
 /* acc (m x NR) = x rows [0, m) . panel; the caller adds bias and stores the valid columns. */

@@ -45,7 +45,7 @@ class EngineConfig:
     random_seed: int = 0
     stream_interval: int = 1
     # An idle in-process Engine that starts receiving requests waits for each next one while they
-    # keep coming less than this apart (and less than a tenth of a step; one step's time in all),
+    # keep coming less than this apart (and less than a tenth of a step; 50 such gaps in all),
     # so a burst from many threads starts as one batch. 0 turns it off.
     arrival_gap_ms: float = 10.0
 

@@ -273,7 +273,7 @@ class Engine:
         # wait a whole step behind them. So once requests start arriving at an idle engine, it
         # waits for each next one while they keep coming less than `gap` apart: arrival_gap_ms,
         # but at most a tenth of a step (so the wait stays small next to the step a straggler
-        # would lose), and one step's time in all.
+        # would lose), and 50 gaps in all.
         sched = self.scheduler
         step_s = 0.05  # running mean of a step's duration
         while True:
@@ -282,7 +282,7 @@ class Engine:
             try:
                 while (msg := self._next_message(block, burst_end, gap)) is not None:
                     if block and msg[0] == "add" and gap > 0:
-                        burst_end = time.monotonic() + max(step_s, gap)
+                        burst_end = time.monotonic() + 50 * gap
                     block = False
                     if msg[0] == "stop":
                         for rid in list(self._sinks):

@@ -13,6 +13,12 @@ from radixflow.runtime.req import Req
 _LPM_MAX_QUEUE = 128
 # A shared uncached prefix at least this long defers later requests to the next round.
 IN_BATCH_PREFIX_THRESHOLD = 32
+# A shorter one (of at least IN_BATCH_MIN_SHARED tokens) defers them too when computing it once
+# saves at least IN_BATCH_SAVE_TOKENS in all: its length times the other waiting requests that
+# share it. A batch of programs whose prompts continue a committed prefix with the same few words
+# ("Q: What is the sum of ...") computes those words once instead of once per program.
+IN_BATCH_MIN_SHARED = 4
+IN_BATCH_SAVE_TOKENS = 256
 
 
 class SchedulePolicy:
@@ -57,16 +63,29 @@ class SchedulePolicy:
 
 
 class InBatchPrefixTracker:
-    """Detects that a waiting request shares a long *uncached* prefix with one admitted in the
-    same round: that request is deferred so it hits the cache once the first one computed it."""
+    """Detects that a waiting request shares an *uncached* prefix with one admitted in the same
+    round, long enough (or shared by enough of `waiting`) to be worth computing once: that request
+    is deferred so it hits the cache once the first one computed it."""
 
-    def __init__(self) -> None:
+    def __init__(self, waiting: list[Req] | None = None) -> None:
         self._tree = RadixCache(lambda slots: None)
         self._next = 1
+        self._waiting = waiting or []
+        self._sharers: dict[tuple[int, ...], int] = {}
 
     def shares_uncached_prefix(self, tokens: list[int], cached_len: int) -> bool:
-        m = self._tree.match_prefix(tokens)
-        return m.length - cached_len >= IN_BATCH_PREFIX_THRESHOLD
+        end = self._tree.match_prefix(tokens).length
+        shared = end - cached_len
+        if shared >= IN_BATCH_PREFIX_THRESHOLD:
+            return True
+        if shared < IN_BATCH_MIN_SHARED or shared * (len(self._waiting) - 1) < IN_BATCH_SAVE_TOKENS:
+            return False
+        head = tokens[:end]
+        key = tuple(head)
+        n = self._sharers.get(key)
+        if n is None:  # counted once per prefix and round, among the first waiting requests
+            n = self._sharers[key] = sum(1 for r in self._waiting[:_LPM_MAX_QUEUE] if r.fill_ids[:end] == head)
+        return shared * (n - 1) >= IN_BATCH_SAVE_TOKENS
 
     def add(self, tokens: list[int]) -> None:
         import torch

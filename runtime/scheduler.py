@@ -199,7 +199,7 @@ class Scheduler:
         slots_left = self.config.max_running_requests - len(self.running) - len(batch)
         if not self.waiting or budget <= 0 or slots_left <= 0:
             return batch or None
-        tracker = InBatchPrefixTracker()
+        tracker = InBatchPrefixTracker(self.waiting)
         if self.chunked is not None:  # its uncached remainder is being computed: others wait for it
             tracker.add(self.chunked.fill_ids)
         admitted: list[Req] = []

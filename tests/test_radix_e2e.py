@@ -90,6 +90,27 @@ def test_in_batch_shared_prefix_is_computed_once(engine):
     assert computed <= 300 + 8 * 11, computed  # not 8 x 310
 
 
+def test_short_shared_prefix_is_computed_once_when_many_share_it(engine):
+    """After a committed prefix, 40 requests continue with the same 8 tokens: the first computes
+    them, the rest wait a round and hit the cache (8 x 39 tokens saved). Three requests sharing
+    them do not wait: saving 16 tokens is not worth a round."""
+    rng = random.Random(5)
+
+    def computed_for(n: int) -> int:
+        engine.flush_cache()
+        prefix = [rng.randrange(100, 49000) for _ in range(100)]
+        words = [rng.randrange(100, 49000) for _ in range(8)]
+        engine.generate(input_ids=prefix, sampling_params={"max_new_tokens": 0})  # the commit
+        prompts = [prefix + words + [rng.randrange(100, 49000) for _ in range(3)] for _ in range(n)]
+        before = engine.get_server_info()["computed_prompt_tokens"]
+        engine.generate(input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": 1})
+        return engine.get_server_info()["computed_prompt_tokens"] - before
+
+    assert computed_for(40) <= 8 + 40 * 3 + 40  # not 40 x 11
+    assert computed_for(3) == 3 * 11
+    _assert_idle_and_whole(engine)
+
+
 def test_chunked_prefill_matches_unchunked(engine, engine_nocache):
     """The session engine chunks at 512 tokens; the reference does not chunk."""
     rng = random.Random(3)
