@@ -106,11 +106,11 @@ def available() -> bool:
 
 def decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
                      req_to_token: torch.Tensor, rows: torch.Tensor, seq_lens: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+                     scale: float, threads: int | None = None) -> torch.Tensor:
     """q (B, Hq, D) fp32 -> (B, Hq, D): request b attends to pool rows
     req_to_token[rows[b], :seq_lens[b]] (seq_lens >= 1); query head h reads kv head h // (Hq // Hkv).
     k/v_buffer (slots, Hkv, D) fp32 contiguous CPU; req_to_token int32 contiguous; rows,
-    seq_lens int64. Raises ValueError on anything else."""
+    seq_lens int64. `threads`: default torch.get_num_threads(). Raises ValueError on anything else."""
     lib = _load()
     if lib is None:
         raise RuntimeError("CPU kernels are not available")
@@ -131,7 +131,7 @@ def decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
     rc = lib.decode_attention_f32(q.data_ptr(), k_buffer.data_ptr(), v_buffer.data_ptr(),
                                   req_to_token.data_ptr(), req_to_token.stride(0), rows.data_ptr(),
                                   seq_lens.data_ptr(), B, H, Hkv, D, float(scale), out.data_ptr(),
-                                  torch.get_num_threads())
+                                  threads or torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"shape not supported by the CPU kernel: {H} q heads, {Hkv} kv heads, head_dim {D}")
     return out

@@ -109,7 +109,10 @@ class ModelRunner:
     def _make_backend(self, name: str) -> AttentionBackend:
         if name == "torch":
             from radixflow.runtime.attention.torch_backend import TorchAttnBackend
-            return TorchAttnBackend(self.kv_pool, self.req_to_token_pool)
+            # OpenBLAS's threads spin after each matmul; the attention kernel's pool worker would
+            # fight them for a core (70 ms per token at batch 1), so it runs on the caller alone.
+            threads = 1 if self.gemm_backend == "openblas" else None
+            return TorchAttnBackend(self.kv_pool, self.req_to_token_pool, kernel_threads=threads)
         if name == "triton":
             from radixflow.runtime.attention.triton_backend import TritonAttnBackend
             return TritonAttnBackend(self.kv_pool, self.req_to_token_pool)

@@ -37,9 +37,10 @@ def test_decode_kernel_matches_reference(hq, hkv, d, scattered):
     lens = [1, 7, 64, 65, 200, 3]  # block edges: 64 keys per block
     k, v, r2t, rows, sl = _world(hkv, d, lens, scattered)
     q = torch.randn(len(lens), hq, d)
-    got = cpu_ext.decode_attention(q, k, v, r2t, rows, sl, d ** -0.5)
     want = decode_attention_ref(q, k, v, r2t, rows, sl, d ** -0.5)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+    for threads in (None, 1, 3):  # the pool's default, the caller alone, more threads than cores
+        got = cpu_ext.decode_attention(q, k, v, r2t, rows, sl, d ** -0.5, threads)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
 
 
 def test_decode_kernel_large_scores_do_not_overflow():

@@ -146,7 +146,7 @@ class TorchAttnBackend(AttentionBackend):
     query heads grouped per KV head, so GQA never materializes repeated K/V."""
 
     def __init__(self, kv_pool, req_to_token_pool, min_shared_prefix: int = 64,
-                 use_cpu_kernel: bool | None = None) -> None:
+                 use_cpu_kernel: bool | None = None, kernel_threads: int | None = None) -> None:
         super().__init__(kv_pool, req_to_token_pool)
         self.min_shared_prefix = min_shared_prefix
         self._ws: dict[str, torch.Tensor] = {}
@@ -157,6 +157,7 @@ class TorchAttnBackend(AttentionBackend):
                 use_cpu_kernel = cpu_ext.available()
         # Decode on the compiled kernel: K/V read in place, no gathered copy (kernels/cpu_ext.py).
         self.use_cpu_kernel = use_cpu_kernel
+        self.kernel_threads = kernel_threads  # None: torch.get_num_threads()
 
     def _workspace(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
                    device: torch.device) -> torch.Tensor:
@@ -307,7 +308,8 @@ class TorchAttnBackend(AttentionBackend):
             pos, rows, lens = meta.kernel
             qk = q[:rows.numel()] if pos is None else q.index_select(0, pos)
             o = cpu_ext.decode_attention(qk, self.kv_pool.k_buffer[layer_id], self.kv_pool.v_buffer[layer_id],
-                                         self.req_to_token_pool.req_to_token, rows, lens, scale)
+                                         self.req_to_token_pool.req_to_token, rows, lens, scale,
+                                         self.kernel_threads)
             if pos is None:
                 out[:rows.numel()] = o
             else:
@@ -333,7 +335,8 @@ class TorchAttnBackend(AttentionBackend):
             from radixflow.kernels import cpu_ext
 
             out = cpu_ext.decode_attention(q, self.kv_pool.k_buffer[layer_id], self.kv_pool.v_buffer[layer_id],
-                                           self.req_to_token_pool.req_to_token, meta.rows, meta.seq_lens, scale)
+                                           self.req_to_token_pool.req_to_token, meta.rows, meta.seq_lens, scale,
+                                           self.kernel_threads)
             return out.view(q.shape[0], -1).to(q.dtype)
         if meta.segments:
             return self._cascade_decode(q, layer_id, meta, scale)
