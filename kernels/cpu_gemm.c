@@ -55,10 +55,10 @@ static inline __attribute__((always_inline)) void tile(const int m, const float 
                                                        const float *panel, int64_t K, float *acc) {
     __m256 c0[MR], c1[MR];
     for (int i = 0; i < m; i++) c0[i] = c1[i] = _mm256_setzero_ps();
+    int64_t k = 0;
     if (m <= 2) {  /* few accumulators: a second set over odd k hides the FMA latency */
         __m256 d0[MR], d1[MR];
         for (int i = 0; i < m; i++) d0[i] = d1[i] = _mm256_setzero_ps();
-        int64_t k = 0;
         for (; k + 1 < K; k += 2) {
             const float *b = panel + k * NR;
             _mm_prefetch((const char *)(b + PF * NR), _MM_HINT_T0);
@@ -76,26 +76,15 @@ static inline __attribute__((always_inline)) void tile(const int m, const float 
             c0[i] = _mm256_add_ps(c0[i], d0[i]);
             c1[i] = _mm256_add_ps(c1[i], d1[i]);
         }
-        for (; k < K; k++) {
-            const float *b = panel + k * NR;
-            _mm_prefetch((const char *)(b + PF * NR), _MM_HINT_T0);
-            __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
-            for (int i = 0; i < m; i++) {
-                __m256 a = _mm256_broadcast_ss(x + i * ldx + k);
-                c0[i] = _mm256_fmadd_ps(a, b0, c0[i]);
-                c1[i] = _mm256_fmadd_ps(a, b1, c1[i]);
-            }
-        }
-    } else {
-        for (int64_t k = 0; k < K; k++) {
-            const float *b = panel + k * NR;
-            _mm_prefetch((const char *)(b + PF * NR), _MM_HINT_T0);
-            __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
-            for (int i = 0; i < m; i++) {
-                __m256 a = _mm256_broadcast_ss(x + i * ldx + k);
-                c0[i] = _mm256_fmadd_ps(a, b0, c0[i]);
-                c1[i] = _mm256_fmadd_ps(a, b1, c1[i]);
-            }
+    }
+    for (; k < K; k++) {  /* every k for m > 2; the odd last one for m <= 2 */
+        const float *b = panel + k * NR;
+        _mm_prefetch((const char *)(b + PF * NR), _MM_HINT_T0);
+        __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+        for (int i = 0; i < m; i++) {
+            __m256 a = _mm256_broadcast_ss(x + i * ldx + k);
+            c0[i] = _mm256_fmadd_ps(a, b0, c0[i]);
+            c1[i] = _mm256_fmadd_ps(a, b1, c1[i]);
         }
     }
     for (int i = 0; i < m; i++) {
