@@ -71,7 +71,7 @@ class InBatchPrefixTracker:
         self._tree = RadixCache(lambda slots: None)
         self._next = 1
         self._waiting = waiting or []
-        self._sharers: dict[tuple[int, ...], int] = {}
+        self._saving: dict[tuple[int, ...], int] = {}
 
     def shares_uncached_prefix(self, tokens: list[int], cached_len: int) -> bool:
         end = self._tree.match_prefix(tokens).length
@@ -80,12 +80,32 @@ class InBatchPrefixTracker:
             return True
         if shared < IN_BATCH_MIN_SHARED or shared * (len(self._waiting) - 1) < IN_BATCH_SAVE_TOKENS:
             return False
-        head = tokens[:end]
-        key = tuple(head)
-        n = self._sharers.get(key)
-        if n is None:  # counted once per prefix and round, among the first waiting requests
-            n = self._sharers[key] = sum(1 for r in self._waiting[:_LPM_MAX_QUEUE] if r.fill_ids[:end] == head)
-        return shared * (n - 1) >= IN_BATCH_SAVE_TOKENS
+        return self._best_saving(tokens, cached_len, end) >= IN_BATCH_SAVE_TOKENS
+
+    def _best_saving(self, tokens: list[int], start: int, end: int) -> int:
+        """The most tokens computing a head tokens[:k] once saves (start + MIN_SHARED <= k <= end):
+        (k - start) x (the other waiting requests sharing it). A shorter head can be shared by many
+        more requests ("... sum of" by all, "... sum of 1" by a few): each request of such a batch
+        must wait for the first, not only those that share its longest head. Counted once per
+        head and round, among the first waiting requests."""
+        key = tuple(tokens[:end])
+        best = self._saving.get(key)
+        if best is None:
+            lo = start + IN_BATCH_MIN_SHARED
+            floor = tokens[:lo]
+            depth: list[int] = []  # for each waiting request sharing tokens[:lo]: how far it goes
+            for r in self._waiting[:_LPM_MAX_QUEUE]:
+                fill = r.fill_ids
+                if fill[:lo] == floor:
+                    k = lo
+                    while k < end and k < len(fill) and fill[k] == tokens[k]:
+                        k += 1
+                    depth.append(k)
+            depth.sort(reverse=True)
+            # depth[i] >= k for the i + 1 deepest sharers: the head tokens[:depth[i]] has i + 1 of them
+            best = max((depth[i] - start) * i for i in range(len(depth))) if depth else 0
+            self._saving[key] = best
+        return best
 
     def add(self, tokens: list[int]) -> None:
         import torch

@@ -136,8 +136,11 @@ class Scheduler:
         if not (self.last_was_extend and self.running):
             batch = self._prefill_batch()
         if batch is not None:
-            # A mixed step has decoded the running requests already: no decode step owed.
-            self.last_was_extend = not self._run_extend(batch)
+            # A decode step is owed only to requests that were running and were not decoded along
+            # (mixed batch off, or no room). Ones that just finished their prefill wait for the
+            # next step like the others: a prefill that continues the queue decodes them along.
+            undecoded = bool(self.running)
+            self.last_was_extend = not self._run_extend(batch) and undecoded
         elif self.running:
             self._run_decode()
             self.last_was_extend = False

@@ -111,6 +111,43 @@ def test_short_shared_prefix_is_computed_once_when_many_share_it(engine):
     _assert_idle_and_whole(engine)
 
 
+def test_requests_wait_for_the_shortest_head_worth_sharing(engine):
+    """40 requests continue a committed prefix with the same 8 tokens, then split 20/20 on the
+    9th. The 19 that share 9 tokens with the first would save only 9 x 19 < 256 tokens by
+    waiting, but the 8 tokens all 40 share are worth it (8 x 39): every one waits for the first
+    (before, the first half computed the 8 shared tokens 20 times)."""
+    rng = random.Random(6)
+    engine.flush_cache()
+    prefix = [rng.randrange(100, 49000) for _ in range(100)]
+    words = [rng.randrange(100, 49000) for _ in range(8)]
+    split = [rng.randrange(100, 49000) for _ in range(2)]
+    engine.generate(input_ids=prefix, sampling_params={"max_new_tokens": 0})
+    prompts = [prefix + words + [split[i % 2]] + [rng.randrange(100, 49000) for _ in range(3)] for i in range(40)]
+    before = engine.get_server_info()["computed_prompt_tokens"]
+    engine.generate(input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": 1})
+    computed = engine.get_server_info()["computed_prompt_tokens"] - before
+    assert computed <= 12 + 39 * 4 + 20, computed  # not 20 x 12 + 20 x 4
+    _assert_idle_and_whole(engine)
+
+
+def test_a_deferred_batch_decodes_the_first_request_along(engine):
+    """The first of 8 requests sharing 300 tokens is prefilled alone; the next step prefills the
+    other 7 and decodes the first in the same forward (no decode step of its own in between)."""
+    engine.flush_cache()
+    rng = random.Random(7)
+    shared = [rng.randrange(100, 49000) for _ in range(300)]
+    prompts = [shared + [rng.randrange(100, 49000) for _ in range(10)] for _ in range(8)]
+    before = engine.get_server_info()
+    outs = engine.generate(input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": 3,
+                                                               "ignore_eos": True})
+    after = engine.get_server_info()
+    assert all(len(o["output_ids"]) == 3 for o in outs)
+    steps = {k: after[k] - before[k] for k in ("extend_steps", "mixed_steps", "decode_steps")}
+    # prefill 1 | prefill 7 + decode 1 | decode 8 | decode 7
+    assert steps == {"extend_steps": 2, "mixed_steps": 1, "decode_steps": 2}, steps
+    _assert_idle_and_whole(engine)
+
+
 def test_chunked_prefill_matches_unchunked(engine, engine_nocache):
     """The session engine chunks at 512 tokens; the reference does not chunk."""
     rng = random.Random(3)
