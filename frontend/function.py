@@ -6,7 +6,7 @@ import dataclasses
 import inspect
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from radixflow.frontend.backend import Backend, resolve_backend
@@ -53,9 +53,13 @@ class Function:
         """Run the program once; returns its state. Without stream, returns after every expression
         ran and raises the program's first error. With stream=True, returns at once: the body runs
         on its own thread; read the output with `state.text_iter()` (errors are raised there)."""
-        backend = resolve_backend(backend)
+        return self._run(args, kwargs, resolve_backend(backend), stream)
+
+    def _run(self, args: tuple, kwargs: dict[str, Any], backend: Backend, stream: bool,
+             after: Future | None = None) -> ProgramState:
+        """run(); `after`: a prefix commit the program's first request waits for."""
         call_kwargs, defaults = self._split(kwargs)
-        state = ProgramState(StreamExecutor(backend, defaults, stream=stream))
+        state = ProgramState(StreamExecutor(backend, defaults, stream=stream, after=after))
         if stream:
             threading.Thread(target=self._body, args=(state, args, call_kwargs, True), daemon=True,
                              name=f"radixflow-{self.__name__}").start()
@@ -78,22 +82,24 @@ class Function:
     def run_batch(self, batch_kwargs: list[dict[str, Any]], *, backend: Backend | None = None,
                   num_threads: int | str = "auto", progress_bar: bool = False, cache_prefix: bool = True,
                   **sampling: Any) -> list[ProgramState]:
-        """Run the program once per argument dict, concurrently; states in input order. Before the
-        batch, the program's constant prefix (found by tracing) is prefilled into the cache once.
-        Raises the first program error after all programs finished."""
+        """Run the program once per argument dict, concurrently; states in input order. The program's
+        constant prefix (found by tracing) is prefilled into the cache once, and every program's
+        first request waits for that commit (an in-process engine holds them itself, so the programs
+        start while it computes). Raises the first program error after all programs finished."""
         backend = resolve_backend(backend)
         batch = [dict(kw) for kw in batch_kwargs]
         if not batch:
             return []
+        commit = None
         if cache_prefix and len(batch) > 1:
             prefix = self.trace_prefix(backend)
             if prefix:
-                backend.cache_prefix(prefix)
+                commit = backend.cache_prefix_async(prefix)
         n = min(len(batch), 128) if num_threads == "auto" else int(num_threads)
         if n < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         with ThreadPoolExecutor(n, thread_name_prefix=f"radixflow-{self.__name__}") as pool:
-            futures = [pool.submit(self.run, backend=backend, **{**sampling, **kw}) for kw in batch]
+            futures = [pool.submit(self._run, (), {**sampling, **kw}, backend, False, commit) for kw in batch]
             if progress_bar:
                 from concurrent.futures import as_completed
 

@@ -31,7 +31,7 @@ class StreamExecutor:
     All fields below are guarded by `cond`; the worker is the only writer of text/variables."""
 
     def __init__(self, backend: Backend, defaults: ir.SamplingArgs, stream: bool = False,
-                 template: ChatTemplate | None = None) -> None:
+                 template: ChatTemplate | None = None, after: Future | None = None) -> None:
         self.backend = backend
         self.defaults = defaults
         self.stream = stream
@@ -51,7 +51,7 @@ class StreamExecutor:
         self._ending = False
         self._queue: deque[Any] = deque()
         self._busy = False
-        self._after: Future | None = None  # the parent's prefix commit, awaited before the first request
+        self._after = after  # a prefix commit (a fork's, run_batch's), awaited before the first request
 
     # ---- caller side --------------------------------------------------------------------------
 
@@ -166,11 +166,10 @@ class StreamExecutor:
         commit = self.backend.cache_prefix_async(self.text) if self.text else None
         children = []
         for _ in range(n):
-            c = StreamExecutor(self.backend, self.defaults, self.stream, self._template)
+            c = StreamExecutor(self.backend, self.defaults, self.stream, self._template, commit)
             c.text, c.messages, c.role = self.text, [dict(m) for m in self.messages], self.role
             c.variables, c.meta_info = dict(self.variables), dict(self.meta_info)
             c.fork_start, c.body_thread = len(self.text), self.body_thread
-            c._after = commit
             children.append(c)
         return children
 

@@ -435,6 +435,50 @@ def test_run_batch_caches_the_traced_prefix_once(fake):
     assert all(sp.get("temperature") == 0 for _, sp in fake.requests[1:])
 
 
+def test_run_batch_starts_the_programs_while_the_commit_is_in_flight():
+    """The programs' bodies run while the prefix commit is still pending (an in-process engine
+    computes it while they arrive); each program's first request waits for the commit."""
+    n = 4
+    started: list[int] = []
+    committed = threading.Event()
+    timed_out: list[bool] = []
+
+    class SlowCommit(FakeBackend):
+        def cache_prefix_async(self, text):
+            from concurrent.futures import Future
+
+            fut: Future = Future()
+
+            def finish() -> None:
+                deadline = time.monotonic() + 10
+                while len(started) < n and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                timed_out.append(len(started) < n)
+                self.cache_prefix(text)
+                committed.set()
+                fut.set_result(None)
+
+            threading.Thread(target=finish, daemon=True).start()
+            return fut
+
+        def _one(self, prompt, sp):
+            if sp.get("max_new_tokens") != 0:
+                assert committed.is_set(), "a program's request went out before the commit finished"
+            return super()._one(prompt, sp)
+
+    fake = SlowCommit()
+
+    @rf.function
+    def prog(s, q):
+        started.append(q)
+        s += "Shared instructions. Q: " + str(q) + rf.gen("a", max_tokens=2)
+
+    states = prog.run_batch([{"q": i} for i in range(n)], backend=fake)
+    assert timed_out == [False], "run_batch waited for the commit before starting the programs"
+    assert fake.requests[0][1] == {"max_new_tokens": 0}
+    assert all(st["a"].startswith("<") for st in states)
+
+
 def test_bind_call_and_default_backend(fake):
     @rf.function
     def inner(s, word):
