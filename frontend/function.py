@@ -56,10 +56,11 @@ class Function:
         return self._run(args, kwargs, resolve_backend(backend), stream)
 
     def _run(self, args: tuple, kwargs: dict[str, Any], backend: Backend, stream: bool,
-             after: Future | None = None) -> ProgramState:
-        """run(); `after`: a prefix commit the program's first request waits for."""
+             after: Future | None = None, inline: bool = False) -> ProgramState:
+        """run(); `after`: a prefix commit the program's first request waits for; `inline`: the
+        state's expressions run on this thread as they are added (see StreamExecutor)."""
         call_kwargs, defaults = self._split(kwargs)
-        state = ProgramState(StreamExecutor(backend, defaults, stream=stream, after=after))
+        state = ProgramState(StreamExecutor(backend, defaults, stream=stream, after=after, inline=inline))
         if stream:
             threading.Thread(target=self._body, args=(state, args, call_kwargs, True), daemon=True,
                              name=f"radixflow-{self.__name__}").start()
@@ -85,7 +86,9 @@ class Function:
         """Run the program once per argument dict, concurrently; states in input order. The program's
         constant prefix (found by tracing) is prefilled into the cache once, and every program's
         first request waits for that commit (an in-process engine holds them itself, so the programs
-        start while it computes). Raises the first program error after all programs finished."""
+        start while it computes). Each program runs on its pool thread, its expressions in order as
+        they are added (forks still run their branches concurrently). Raises the first program error
+        after all programs finished."""
         backend = resolve_backend(backend)
         batch = [dict(kw) for kw in batch_kwargs]
         if not batch:
@@ -99,7 +102,7 @@ class Function:
         if n < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         with ThreadPoolExecutor(n, thread_name_prefix=f"radixflow-{self.__name__}") as pool:
-            futures = [pool.submit(self._run, (), {**sampling, **kw}, backend, False, commit) for kw in batch]
+            futures = [pool.submit(self._run, (), {**sampling, **kw}, backend, False, commit, True) for kw in batch]
             if progress_bar:
                 from concurrent.futures import as_completed
 

@@ -1,8 +1,9 @@
 """`StreamExecutor`: runs one program state's expressions in order, off the caller's thread.
 
 `s += expr` only queues `expr`; a worker thread (started while work is queued, gone when the queue
-is empty) executes it, so a program's branches and run_batch's programs generate concurrently and
-the runtime batches their requests. Reading a variable waits for just that variable; `sync()`
+is empty) executes it, so a program's branches generate concurrently and the runtime batches their
+requests. run_batch's programs are already concurrent (one pool thread each): their states run
+expressions inline, on the thread that adds them. Reading a variable waits for just that variable; `sync()`
 waits for everything. A failed step stores its exception: later steps are skipped, and every wait
 (sync, text, s["x"], text_iter) re-raises it in the caller.
 """
@@ -31,7 +32,8 @@ class StreamExecutor:
     All fields below are guarded by `cond`; the worker is the only writer of text/variables."""
 
     def __init__(self, backend: Backend, defaults: ir.SamplingArgs, stream: bool = False,
-                 template: ChatTemplate | None = None, after: Future | None = None) -> None:
+                 template: ChatTemplate | None = None, after: Future | None = None,
+                 inline: bool = False) -> None:
         self.backend = backend
         self.defaults = defaults
         self.stream = stream
@@ -52,6 +54,9 @@ class StreamExecutor:
         self._queue: deque[Any] = deque()
         self._busy = False
         self._after = after  # a prefix commit (a fork's, run_batch's), awaited before the first request
+        # Run expressions on the thread that adds them instead of a worker thread: for run_batch's
+        # programs, whose parallelism is the batch (no thread start and hand-off per program).
+        self.inline = inline
 
     # ---- caller side --------------------------------------------------------------------------
 
@@ -62,25 +67,39 @@ class StreamExecutor:
         return self._template
 
     def submit(self, item: Any) -> None:
-        """Queue an expression for the worker; raises the state's earlier failure, if any."""
+        """Queue an expression for the worker; raises the state's earlier failure, if any. An
+        inline executor runs it before returning (a failure is raised at the next wait)."""
         with self.cond:
             self._raise()
             if self.finished or self._ending:
                 raise RuntimeError("this program state has ended; no more expressions can be added")
             self.pending_vars.update(ir.var_names(item))
-            self._enqueue(item)
+            start = self._enqueue(item)
+        if start:
+            self._start()
 
     def end(self) -> None:
         """Mark the program as complete once queued work is done (idempotent)."""
         with self.cond:
-            if not (self.finished or self._ending):
+            start = not (self.finished or self._ending)
+            if start:
                 self._ending = True
-                self._enqueue(_End())
+                start = self._enqueue(_End())
+        if start:
+            self._start()
 
-    def _enqueue(self, item: Any) -> None:  # caller holds cond
+    def _enqueue(self, item: Any) -> bool:
+        """Append `item`; True when a worker must be started for it. Caller holds cond."""
         self._queue.append(item)
-        if not self._busy:
-            self._busy = True
+        if self._busy:
+            return False
+        self._busy = True
+        return True
+
+    def _start(self) -> None:
+        if self.inline:
+            self._work()
+        else:
             threading.Thread(target=self._work, name="radixflow-program", daemon=True).start()
 
     def sync(self) -> None:

@@ -479,6 +479,47 @@ def test_run_batch_starts_the_programs_while_the_commit_is_in_flight():
     assert all(st["a"].startswith("<") for st in states)
 
 
+def test_run_batch_programs_run_on_their_pool_threads_and_forks_still_branch():
+    """A run_batch program's own requests are sent from its pool thread (no worker thread per
+    program); its forks' branches still run on worker threads of their own; a failure still
+    stops the program."""
+
+    class Recording(FakeBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.threads: list[tuple[str, str]] = []
+
+        def _one(self, prompt, sp):
+            with self.lock:
+                self.threads.append((prompt, threading.current_thread().name))
+            return super()._one(prompt, sp)
+
+    rec = Recording()
+
+    @rf.function
+    def prog(s, q):
+        s += f"Q{q}:" + rf.gen("a", max_tokens=2)
+        forks = s.fork(3)
+        forks += lambda i: f" branch {i}" + rf.gen("b", max_tokens=2)
+        forks.join()
+
+    states = prog.run_batch([{"q": i} for i in range(2)], backend=rec, cache_prefix=False)
+    own = [name for prompt, name in rec.threads if prompt in ("Q0:", "Q1:")]
+    assert len(own) == 2 and all(name.startswith("radixflow-prog_") for name in own), rec.threads
+    branches = [name for prompt, name in rec.threads if "branch" in prompt]
+    assert len(branches) == 6 and all(name == "radixflow-program" for name in branches), rec.threads
+    assert all(len(st["b"]) == 3 for st in states)
+
+    @rf.function
+    def failing(s):
+        s += "FAIL " + rf.gen("x")
+        s += "never" + rf.gen("y")
+
+    with pytest.raises(InvalidRequestError, match="prompt refused"):
+        failing.run_batch([{}, {}], backend=rec)
+    assert not any("never" in prompt for prompt, _ in rec.threads)
+
+
 def test_bind_call_and_default_backend(fake):
     @rf.function
     def inner(s, word):
