@@ -8,6 +8,8 @@
   pack_weight(weight) -> packed;  linear_packed(x, packed, out_features, bias=None) -> x @ W^T (+ b)
       fp32 linear on a weight packed once into 16-column panels (source: cpu_gemm.c): about 1.8x
       OpenBLAS at the 1-64 rows of decoding, on par at prefill sizes.
+  rope_(x, positions, cos_cache, sin_cache) -> x;  silu_mul(x) -> silu(x[:, :I]) * x[:, I:]
+      the decoder layer's elementwise steps, one pass each (source: cpu_elementwise.c).
 
 The library is built once per version of the sources and CPU (-O3 -march=native, about a second)
 into the radixflow cache folder. The kernels split their work on their own thread pool (cpu_pool.c:
@@ -33,7 +35,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SRCS = [Path(__file__).with_name(n) for n in ("cpu_decode_attention.c", "cpu_rmsnorm.c", "cpu_gemm.c", "cpu_pool.c")]
+_SRCS = [Path(__file__).with_name(n) for n in ("cpu_decode_attention.c", "cpu_rmsnorm.c", "cpu_gemm.c",
+                                                "cpu_elementwise.c", "cpu_pool.c")]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -95,6 +98,10 @@ def _load() -> ctypes.CDLL | None:
         lib.gemm_pack_f32.restype = None
         lib.gemm_packed_f32.argtypes = [p, i64, p, p, i64, i64, i64, p, i64, i32]
         lib.gemm_packed_f32.restype = None
+        lib.rope_f32.argtypes = [p, i64, i64, i64, i64, p, p, p, i64, i64, i32]
+        lib.rope_f32.restype = i32
+        lib.silu_mul_f32.argtypes = [p, i64, i64, i64, p, i32]
+        lib.silu_mul_f32.restype = None
         _lib = lib
         return lib
 
@@ -211,3 +218,55 @@ def linear_packed(x: torch.Tensor, packed: torch.Tensor, out_features: int,
                             None if bias is None else bias.data_ptr(), M, out_features, K, out.data_ptr(),
                             out_features, torch.get_num_threads())
     return out.view(*x.shape[:-1], out_features)
+
+
+def _rows_view(name: str, x: torch.Tensor) -> None:
+    """x (T, ..., D) fp32 CPU whose rows (dim 0) may be strided but are contiguous within."""
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"{name} must be an fp32 CPU tensor, got {x.dtype} on {x.device}")
+    if x.numel() and not x[0].is_contiguous():
+        raise ValueError(f"{name}'s rows must be contiguous (strides {tuple(x.stride())})")
+
+
+def rope_(x: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor) -> torch.Tensor:
+    """Rotate x (T, heads, D) in place, rotate-half style: x * cos + rotate_half(x) * sin with
+    cos/sin = cache[positions[t]] ((max_pos, D) fp32, both halves stored, as Hugging Face's). The
+    rows of x may be strided (a view into a fused q/k/v projection). Returns x. Raises ValueError
+    on anything else (positions out of the cache included)."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError("CPU kernels are not available")
+    if x.dim() != 3 or x.shape[-1] % 2:
+        raise ValueError(f"x must be (T, heads, D) with D even, got shape {tuple(x.shape)}")
+    _rows_view("x", x)
+    T, heads, D = x.shape
+    for name, c in (("cos_cache", cos_cache), ("sin_cache", sin_cache)):
+        if c.dim() != 2 or c.shape[1] != D:
+            raise ValueError(f"{name} must be (max_pos, {D}), got shape {tuple(c.shape)}")
+        _rows_view(name, c)
+    if cos_cache.stride(0) != sin_cache.stride(0):
+        raise ValueError("cos_cache and sin_cache must have the same row stride")
+    if positions.shape != (T,):
+        raise ValueError(f"positions must have shape ({T},), got {tuple(positions.shape)}")
+    positions = positions.to(torch.int64).contiguous()
+    max_pos = min(cos_cache.shape[0], sin_cache.shape[0])
+    if T and lib.rope_f32(x.data_ptr(), T, heads, D, x.stride(0), positions.data_ptr(), cos_cache.data_ptr(),
+                          sin_cache.data_ptr(), cos_cache.stride(0), max_pos, torch.get_num_threads()):
+        raise ValueError(f"positions must lie in [0, {max_pos})")
+    return x
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """x (M, 2I) fp32 CPU (rows may be strided) -> a new (M, I) tensor silu(x[:, :I]) * x[:, I:].
+    Raises ValueError on anything else."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError("CPU kernels are not available")
+    if x.dim() != 2 or x.shape[1] % 2:
+        raise ValueError(f"x must be (M, 2 * I), got shape {tuple(x.shape)}")
+    _rows_view("x", x)
+    M, inter = x.shape[0], x.shape[1] // 2
+    out = torch.empty(M, inter)
+    if M and inter:
+        lib.silu_mul_f32(x.data_ptr(), M, inter, x.stride(0), out.data_ptr(), torch.get_num_threads())
+    return out

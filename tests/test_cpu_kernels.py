@@ -139,3 +139,59 @@ def test_model_norm_uses_kernel_and_agrees_with_torch_path():
     # A strided input takes the torch path and gives the same answer.
     xt = torch.randn(32, 6).t()
     torch.testing.assert_close(norm(xt), norm(xt.contiguous()), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("T", [1, 5, 600])  # 600 x 12 x 64: split among the pool's threads
+def test_rope_kernel_rotates_a_strided_view_in_place_like_the_torch_path(T):
+    from radixflow.runtime.model_config import ModelConfig
+    from radixflow.runtime.models.llama import RotaryEmbedding
+
+    cfg = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], "hidden_size": 64 * 9,
+                                 "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 64,
+                                 "num_hidden_layers": 1, "vocab_size": 32, "rope_theta": 10000.0})
+    rope = RotaryEmbedding(cfg, 2048)
+    g = torch.Generator().manual_seed(2)
+    qkv = torch.randn(T, 15 * 64, generator=g)  # q (9 heads), k (3), v (3)
+    qk = qkv[:, :12 * 64].view(T, 12, 64)
+    positions = torch.randint(0, 2048, (T,), generator=g)
+    want = rope.rotate(positions, qk)
+    v_before = qkv[:, 12 * 64:].clone()
+    got = cpu_ext.rope_(qk, positions, rope.cos_cache, rope.sin_cache)
+    assert got.data_ptr() == qkv.data_ptr()  # rotated in place, in the fused projection
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(qkv[:, 12 * 64:], v_before)  # v untouched
+
+
+def test_rope_kernel_rejects_bad_input():
+    cos, sin = torch.randn(16, 8), torch.randn(16, 8)
+    x = torch.randn(3, 2, 8)
+    with pytest.raises(ValueError, match=r"positions must lie in \[0, 16\)"):
+        cpu_ext.rope_(x, torch.tensor([0, 16, 1]), cos, sin)
+    assert torch.equal(x, x.clone())
+    with pytest.raises(ValueError, match="rows must be contiguous"):
+        cpu_ext.rope_(torch.randn(3, 8, 2).transpose(1, 2), torch.tensor([0, 1, 2]), cos, sin)
+    with pytest.raises(ValueError, match="D even"):
+        cpu_ext.rope_(torch.randn(3, 2, 7), torch.tensor([0, 1, 2]), cos[:, :7], sin[:, :7])
+    with pytest.raises(ValueError, match="cos_cache must be"):
+        cpu_ext.rope_(x, torch.tensor([0, 1, 2]), cos[:, :4], sin)
+    with pytest.raises(ValueError, match="positions must have shape"):
+        cpu_ext.rope_(x, torch.tensor([0, 1]), cos, sin)
+    with pytest.raises(ValueError, match="fp32"):
+        cpu_ext.rope_(x.double(), torch.tensor([0, 1, 2]), cos, sin)
+
+
+@pytest.mark.parametrize("M,inter", [(1, 1536), (16, 13), (300, 1536), (0, 8)])
+def test_silu_mul_kernel_matches_torch(M, inter):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(M, 2 * inter + 5, generator=g) * 6  # large |x|: both branches of the sigmoid
+    gate_up = x[:, :2 * inter]  # strided rows
+    want = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+    got = cpu_ext.silu_mul(gate_up)
+    assert got.shape == (M, inter) and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    big = torch.tensor([[-100.0, 100.0, 1.0, 1.0]])
+    torch.testing.assert_close(cpu_ext.silu_mul(big), torch.tensor([[0.0, 100.0]]))
+    with pytest.raises(ValueError, match=r"\(M, 2 \* I\)"):
+        cpu_ext.silu_mul(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="rows must be contiguous"):
+        cpu_ext.silu_mul(torch.randn(4, 2).t())

@@ -120,6 +120,13 @@ class RotaryEmbedding(nn.Module):
         self._cos_sin = (positions, cos, sin)
         return cos, sin
 
+    def rotate_(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`rotate`, in place on x when the CPU kernel can (fp32 on CPU: one pass instead of
+        four ops); returns the rotated tensor (x itself, or a new one)."""
+        if x.dtype == torch.float32 and x.device.type == "cpu" and cpu_ext.available():
+            return cpu_ext.rope_(x, positions, self.cos_cache, self.sin_cache)
+        return self.rotate(positions, x)
+
     def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Rotate x (T, heads, D): x * cos + rotate_half(x) * sin, as Hugging Face does."""
         cos, sin = self.cos_sin(positions, x.dtype)
@@ -150,7 +157,7 @@ class Attention(nn.Module):
             k = qkv[:, self.q_size:self.q_size + self.kv_size].view(T, Hkv, D)
             q, k = rope(batch.positions, q, k)
         else:  # q and k rotated together: one set of elementwise ops instead of two
-            qk = rope.rotate(batch.positions, qkv[:, :self.q_size + self.kv_size].view(T, H + Hkv, D))
+            qk = rope.rotate_(batch.positions, qkv[:, :self.q_size + self.kv_size].view(T, H + Hkv, D))
             q, k = qk[:, :H], qk[:, H:]
         out = backend.forward(q, k, v, self.layer_id, batch, self.scale)
         return self.o_proj(out)
@@ -169,7 +176,10 @@ class MLP(nn.Module):
             from radixflow.kernels.activation import silu_and_mul
 
             return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if gate_up.dtype == torch.float32 and gate_up.device.type == "cpu" and cpu_ext.available():
+            return self.down_proj(cpu_ext.silu_mul(gate_up))  # one pass instead of three ops
+        gate, up = gate_up.split(self.inter, dim=-1)
         return self.down_proj(F.silu(gate).mul_(up))
 
 
