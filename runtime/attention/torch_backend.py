@@ -237,7 +237,13 @@ class TorchAttnBackend(AttentionBackend):
     def _plan_decode(self, rows: torch.Tensor, seq_lens: torch.Tensor, lens: list[int]) -> _DecodeMeta:
         """Cascade when shared prefixes save more gathered rows than the extra calls cost; else
         the in-place kernel when there is one, else padded buckets."""
-        idx = self.req_to_token_pool.req_to_token[rows, :max(lens)].to(torch.int64)
+        r2t = self.req_to_token_pool.req_to_token
+        # A shared prefix starts at position 0: requests whose first slots all differ share none
+        # (a batch of unrelated prompts skips the search below, every step).
+        firsts = r2t[rows, 0].tolist()
+        if self.use_cpu_kernel and len(set(firsts)) == len(firsts):
+            return _DecodeMeta(rows, seq_lens, [], [], in_place=True)
+        idx = r2t[rows, :max(lens)].to(torch.int64)
         plain, plain_cost = pad_buckets(lens)
         if len(lens) > 1:
             segs, starts = shared_prefix_segments(idx, lens, self.min_shared_prefix)
