@@ -22,6 +22,7 @@ import statistics
 import time
 
 import radixflow as rf
+from steal import cpu_stolen, steal_between
 
 # A tree-of-thought prompt carries the method's instructions and a worked example ahead of the
 # task (as the Tree of Thoughts paper's propose prompts do); every node of the tree extends it.
@@ -79,17 +80,6 @@ def questions(n: int) -> list[str]:
     return [f"What is the sum of {i * 7 % 90 + 10} and {i * 13 % 90 + 5}?" for i in range(n)]
 
 
-def cpu_stolen() -> tuple[int, int] | None:
-    """(steal, total) jiffies from /proc/stat: the time the hypervisor ran other guests on our
-    CPUs. On a shared VM that steal is what makes wall times swing; None where unavailable."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return (fields[7], sum(fields)) if len(fields) > 7 else None
-
-
 def measure(eng: rf.Engine, fn) -> tuple[float, float | None, dict]:
     """(wall seconds, fraction of CPU time stolen meanwhile or None, token counters' deltas)."""
     ok, _ = eng.engine.flush_cache()
@@ -101,8 +91,7 @@ def measure(eng: rf.Engine, fn) -> tuple[float, float | None, dict]:
     wall = time.perf_counter() - t0
     s1 = cpu_stolen()
     after = eng.get_server_info()
-    steal = (s1[0] - s0[0]) / max(s1[1] - s0[1], 1) if s0 and s1 else None
-    return wall, steal, {k: after[k] - before[k] for k in ("prompt_tokens", "computed_prompt_tokens")}
+    return wall, steal_between(s0, s1), {k: after[k] - before[k] for k in ("prompt_tokens", "computed_prompt_tokens")}
 
 
 def bench(eng: rf.Engine, args: argparse.Namespace, cache: str, repeat: int) -> tuple[list[tuple], dict]:

@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from steal import cpu_stolen, steal_between
+
 
 def workload(num: int, seed: int) -> tuple[list[list[int]], list[int]]:
     rng = random.Random(seed)
@@ -129,14 +131,17 @@ def main() -> None:
             continue
         cmd = [sys.executable, __file__, "--system", system, "--num", str(args.num),
                "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
+        s0 = cpu_stolen()
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        steal = steal_between(s0, cpu_stolen())
         r = json.loads(out.strip().splitlines()[-1])
-        rows.append((name, r["dt"], r["batch1"], r["info"]))
+        rows.append((name, r["dt"], r["batch1"], "n/a" if steal is None else f"{steal:.0%}", r["info"]))
     print()
-    print("| system | time (s) | output tok/s | total tok/s | batch-1 decode tok/s | notes |")
-    print("|---|---:|---:|---:|---:|---|")
-    for name, dt, b1, info in rows:
-        print(f"| {name} | {dt:.1f} | {n_out / dt:.1f} | {(n_in + n_out) / dt:.1f} | {b1:.1f} | {info} |")
+    print("| system | time (s) | output tok/s | total tok/s | batch-1 decode tok/s | CPU steal | notes |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for name, dt, b1, steal, info in rows:
+        print(f"| {name} | {dt:.1f} | {n_out / dt:.1f} | {(n_in + n_out) / dt:.1f} | {b1:.1f} | {steal} | {info} |")
+    print("CPU steal: the share of CPU time the hypervisor gave to other guests during that system's run")
     if len(rows) == 2:
         print(f"\nthroughput ratio radixflow / HF: {rows[1][1] / rows[0][1]:.2f}x")
 
