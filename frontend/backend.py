@@ -85,6 +85,10 @@ class Backend(ABC):
         """Drop the prefix cache; False when the runtime refuses (requests running)."""
         return False
 
+    def expect_requests(self, n: int) -> None:
+        """Hint that about `n` requests are about to be sent from many threads (run_batch), so an
+        idle runtime can start them as one batch. A no-op where the backend cannot use it."""
+
     def shutdown(self) -> None:
         """Release the backend's resources."""
 

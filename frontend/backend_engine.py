@@ -112,6 +112,10 @@ class Engine(Backend):
             self._template = ChatTemplate(render, tuple(tok.chat_stop_strings), name=tok.path)
         return self._template
 
+    def expect_requests(self, n: int) -> None:
+        """The runtime engine's expect_requests, 10 ms per request and half a second at most."""
+        self.engine.expect_requests(n, min(0.5, 0.01 * n))
+
     def flush_cache(self) -> bool:
         ok, _ = self.engine.flush_cache()
         return bool(ok)

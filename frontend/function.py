@@ -93,11 +93,13 @@ class Function:
         batch = [dict(kw) for kw in batch_kwargs]
         if not batch:
             return []
-        commit = None
+        commit, prefix = None, ""
         if cache_prefix and len(batch) > 1:
             prefix = self.trace_prefix(backend)
-            if prefix:
-                commit = backend.cache_prefix_async(prefix)
+        if len(batch) > 1:  # the commit and each program's first request
+            backend.expect_requests(len(batch) + bool(prefix))
+        if prefix:
+            commit = backend.cache_prefix_async(prefix)
         n = min(len(batch), 128) if num_threads == "auto" else int(num_threads)
         if n < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")

@@ -50,6 +50,7 @@ class Engine:
         self._closed = False
         self._failure = "the engine has been shut down"
         self.arrival_gap_ms = self.config.arrival_gap_ms  # see EngineConfig; may be changed at any time
+        self._expected = [0, 0.0]  # (requests still expected, deadline): see expect_requests
         self._thread = threading.Thread(target=self._loop, name="radixflow-scheduler", daemon=True)
         self._thread.start()
 
@@ -123,6 +124,16 @@ class Engine:
                 yield item
         finally:
             self.abort(reqs[0][0].rid)
+
+    def expect_requests(self, n: int, within_s: float = 0.5) -> None:
+        """Hint that about `n` requests are coming within `within_s` seconds (a DSL run_batch
+        starting its programs). If the engine is idle when they start arriving, its first step
+        waits until n have arrived or the time is up, instead of only while they come
+        arrival_gap_ms apart: a stall of one sender (a busy CPU, a GIL hand-off) then no longer
+        splits the batch. Never delays a step while requests are running; 0 turns it off."""
+        if n < 0 or within_s < 0:
+            raise ValueError(f"expect_requests needs n >= 0 and within_s >= 0, got {n}, {within_s}")
+        self._inbox.put(("expect", n, time.monotonic() + within_s))
 
     def abort(self, rid: str) -> None:
         self._inbox.put(("abort", rid))
@@ -258,10 +269,14 @@ class Engine:
 
     def _next_message(self, block: bool, burst_end: float | None, gap: float) -> tuple | None:
         """The next inbox message, or None when it is time to step. `block`: wait for one. During
-        a burst (burst_end set) waits up to `gap` seconds for each next one, until burst_end."""
+        a burst (burst_end set) waits up to `gap` seconds for each next one, until burst_end; while
+        expected requests are still to come (expect_requests), until their deadline."""
         try:
             if block:
                 return self._inbox.get()
+            if burst_end is not None and self._expected[0] > 0:
+                gap = self._expected[1] - time.monotonic()
+                burst_end = max(burst_end, self._expected[1])
             wait = 0.0 if burst_end is None else min(gap, burst_end - time.monotonic())
             return self._inbox.get(timeout=wait) if wait > 0 else self._inbox.get_nowait()
         except queue.Empty:
@@ -281,9 +296,14 @@ class Engine:
             gap = min(self.arrival_gap_ms / 1000, 0.1 * step_s)
             try:
                 while (msg := self._next_message(block, burst_end, gap)) is not None:
+                    if msg[0] == "expect":  # before `block` is cleared: the burst is still to come
+                        self._expected = [msg[1], msg[2]]
+                        continue
                     if block and msg[0] == "add" and gap > 0:
                         burst_end = time.monotonic() + 50 * gap
                     block = False
+                    if msg[0] == "add" and self._expected[0] > 0:
+                        self._expected[0] -= 1
                     if msg[0] == "stop":
                         for rid in list(self._sinks):
                             sched.abort_request(rid, "engine shut down")
@@ -292,6 +312,7 @@ class Engine:
                         return
                     self._handle(msg)
                 if sched.has_work():
+                    self._expected = [0, 0.0]  # a hint only holds the first step of a burst
                     t = time.perf_counter()
                     outputs = sched.step()
                     step_s = 0.8 * step_s + 0.2 * (time.perf_counter() - t)

@@ -221,6 +221,27 @@ def test_a_burst_at_an_idle_engine_starts_as_one_batch(engine):
         EngineConfig(arrival_gap_ms=-1)
 
 
+def test_expected_requests_start_as_one_batch_despite_a_stall(engine):
+    """With expect_requests(n), an idle engine waits for all n before its first step, even when
+    one sender stalls far longer than arrival_gap_ms (the control, without the hint, splits)."""
+
+    def prefill_steps(hint: bool) -> int:
+        before = engine.get_server_info()["extend_steps"]
+        if hint:
+            engine.expect_requests(4, 5.0)
+        futs = []
+        for i in range(4):
+            futs.append(engine.submit(f"Expected {hint} request {i}:", {"max_new_tokens": 2, "temperature": 0}))
+            time.sleep(0.3 if i == 1 else 0.001)  # one stall of 300 ms
+        assert all(len(f.result()["output_ids"]) == 2 for f in futs)
+        return engine.get_server_info()["extend_steps"] - before
+
+    assert prefill_steps(True) == 1
+    assert prefill_steps(False) >= 2
+    with pytest.raises(ValueError, match="n >= 0"):
+        engine.expect_requests(-1)
+
+
 def test_async_generate_matches_generate(engine, greedy):
     async def both():
         return await asyncio.gather(engine.async_generate(PROMPT, GREEDY), engine.async_generate([PROMPT], GREEDY))
