@@ -93,18 +93,19 @@ class Function:
         batch = [dict(kw) for kw in batch_kwargs]
         if not batch:
             return []
-        commit, prefix = None, ""
-        if cache_prefix and len(batch) > 1:
-            prefix = self.trace_prefix(backend)
-        if len(batch) > 1:  # the commit and each program's first request
-            backend.expect_requests(len(batch) + bool(prefix))
-        if prefix:
-            commit = backend.cache_prefix_async(prefix)
         n = min(len(batch), 128) if num_threads == "auto" else int(num_threads)
         if n < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        commit, prefix = None, ""
+        if cache_prefix and len(batch) > 1:
+            prefix = self.trace_prefix(backend)
+        if len(batch) > 1:  # the commit and the first request of each program that starts now
+            backend.expect_requests(min(n, len(batch)) + bool(prefix))
+        if prefix:
+            commit = backend.cache_prefix_async(prefix)
         with ThreadPoolExecutor(n, thread_name_prefix=f"radixflow-{self.__name__}") as pool:
-            futures = [pool.submit(self._run, (), {**sampling, **kw}, backend, False, commit, True) for kw in batch]
+            futures = [pool.submit(self._run, (), {**sampling, **kw}, backend, False, commit, True)
+                       for kw in batch]
             if progress_bar:
                 from concurrent.futures import as_completed
 

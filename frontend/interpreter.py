@@ -3,8 +3,8 @@
 `s += expr` only queues `expr`; a worker thread (started while work is queued, gone when the queue
 is empty) executes it, so a program's branches generate concurrently and the runtime batches their
 requests. run_batch's programs are already concurrent (one pool thread each): their states run
-expressions inline, on the thread that adds them. Reading a variable waits for just that variable; `sync()`
-waits for everything. A failed step stores its exception: later steps are skipped, and every wait
+expressions inline, on the thread that adds them. Reading a variable waits for just that variable;
+`sync()` waits for everything. A failed step stores its exception: later steps are skipped, and every wait
 (sync, text, s["x"], text_iter) re-raises it in the caller.
 """
 

@@ -520,6 +520,30 @@ def test_run_batch_programs_run_on_their_pool_threads_and_forks_still_branch():
     assert not any("never" in prompt for prompt, _ in rec.threads)
 
 
+def test_run_batch_announces_the_requests_that_start_at_once():
+    """run_batch hints the commit plus one request per program that can start now (num_threads),
+    so an engine never waits for programs that are queued behind others."""
+
+    class Hinted(FakeBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.hints: list[int] = []
+
+        def expect_requests(self, n):
+            self.hints.append(n)
+
+    fake = Hinted()
+
+    @rf.function
+    def prog(s, q):
+        s += "Shared instructions. Q: " + q + rf.gen("a", max_tokens=2)
+
+    prog.run_batch([{"q": str(i)} for i in range(5)], backend=fake, num_threads=2)
+    prog.run_batch([{"q": str(i)} for i in range(5)], backend=fake, cache_prefix=False)
+    prog.run_batch([{"q": "one"}], backend=fake)
+    assert fake.hints == [3, 5]
+
+
 def test_bind_call_and_default_backend(fake):
     @rf.function
     def inner(s, word):
