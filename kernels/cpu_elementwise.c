@@ -6,6 +6,8 @@
  */
 #include <stdint.h>
 
+#include "cpu_math.h"
+
 typedef void (*rf_task)(void *arg, int t, int n);
 void rf_parallel(rf_task fn, void *arg, int n);  /* cpu_pool.c */
 
@@ -15,19 +17,6 @@ void rf_parallel(rf_task fn, void *arg, int n);  /* cpu_pool.c */
 static int threads_for(int64_t work, int64_t rows, int threads) {
     if (work < PARALLEL_MIN || threads < 2) return 1;
     return rows < threads ? (int)rows : threads;
-}
-
-/* exp(x) for x <= 0 (see cpu_decode_attention.c): relative error ~2e-7, 0 below -87. */
-static inline float exp_nonpos(float x) {
-    float keep = x > -87.0f ? 1.0f : 0.0f;
-    x = x > -87.0f ? x : -87.0f;
-    float n = __builtin_roundf(x * 1.44269504088896341f);
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.66666672e-1f + r * (4.16664891e-2f +
-              r * (8.33337382e-3f + r * 1.39575498e-3f)))));
-    union { float f; int32_t i; } scale;
-    scale.i = ((int32_t)n + 127) << 23;
-    return p * scale.f * keep;
 }
 
 /* ---- rotary embedding ------------------------------------------------------------------- */
@@ -85,7 +74,7 @@ static void silu_part(void *p, int t, int n) {
         float *o = a->out + m * a->I;
         for (int64_t i = 0; i < a->I; i++) {
             float v = g[i];
-            float e = exp_nonpos(v > 0.f ? -v : v);  /* exp(-|v|): never overflows */
+            float e = exp_neg(v > 0.f ? -v : v);  /* exp(-|v|): never overflows */
             float sig = v > 0.f ? 1.0f / (1.0f + e) : e / (1.0f + e);
             o[i] = v * sig * u[i];
         }

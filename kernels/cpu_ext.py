@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 _SRCS = [Path(__file__).with_name(n) for n in ("cpu_decode_attention.c", "cpu_rmsnorm.c", "cpu_gemm.c",
                                                 "cpu_elementwise.c", "cpu_pool.c")]
+_HEADERS = [Path(__file__).with_name("cpu_math.h")]  # included by the sources; part of the build's hash
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -79,7 +80,7 @@ def _load() -> ctypes.CDLL | None:
             return None
         from radixflow.runtime.default_model import cache_dir
 
-        sources = b"".join(src.read_bytes() for src in _SRCS)
+        sources = b"".join(src.read_bytes() for src in (*_SRCS, *_HEADERS))
         digest = hashlib.sha256(sources + _cpu_key().encode() + _FLAGS_VERSION).hexdigest()[:16]
         path = cache_dir() / "ext" / f"cpu_kernels-{digest}.so"
         try:
