@@ -12,11 +12,8 @@ import time
 import pytest
 import torch
 
-from radixflow.runtime.attention.torch_backend import (
-    TorchAttnBackend,
-    pad_buckets,
-    shared_prefix_segments,
-)
+from radixflow.runtime.attention.decode_plan import pad_buckets, shared_prefix_segments
+from radixflow.runtime.attention.torch_backend import TorchAttnBackend
 from radixflow.runtime.forward_batch import ForwardBatch, ForwardMode
 from radixflow.runtime.memory_pool import KVPool, ReqToTokenPool, TokenAllocator
 
