@@ -21,8 +21,9 @@ import argparse
 import statistics
 import time
 
-import radixflow as rf
 from steal import cpu_stolen, steal_between
+
+import radixflow as rf
 
 # A tree-of-thought prompt carries the method's instructions and a worked example ahead of the
 # task (as the Tree of Thoughts paper's propose prompts do); every node of the tree extends it.

@@ -1,10 +1,11 @@
 """The `radixflow` console script.
 
-    radixflow serve [--model PATH] [--host 127.0.0.1] [--port 30000] [--api-key K] [options]
+    radixflow serve [--model PATH] [--host 127.0.0.1] [--port 30000] [--api-key-file PATH] [options]
     radixflow generate "prompt" [--raw] [--max-new-tokens N] [--temperature T] [--model PATH]
 
 Engine options (`--max-total-tokens`, `--schedule-policy`, ...) are the EngineConfig fields and
-server options the ServerArgs fields, spelled with dashes.
+server options the ServerArgs fields, spelled with dashes. The API key is best given as the
+environment variable RADIXFLOW_API_KEY or with --api-key-file (a command line is visible to `ps`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import typing
 from typing import Any
@@ -24,19 +26,36 @@ _HELP = {
     "mem_fraction": "share of free memory for the KV pool when --max-total-tokens is not set",
     "max_running_requests": "largest decode batch",
     "schedule_policy": "lpm | dfs-weight | fcfs",
-    "api_key": "require `Authorization: Bearer KEY` on every endpoint but /health",
+    "api_key": "require `Authorization: Bearer KEY` on every endpoint but /health; visible to `ps`: "
+               "prefer --api-key-file or the RADIXFLOW_API_KEY environment variable",
     "max_waiting_requests": "requests in flight beyond --max-running-requests before 503",
     "max_request_bytes": "largest accepted request body (413 beyond)",
     "max_n": "largest n (choices per prompt)",
     "log_interval": "scheduler steps between progress log lines (0 = off)",
     "port": "TCP port (0 = any free port; the ready line names it)",
+    "watchdog_timeout": "seconds the scheduler may show no progress while requests are in flight "
+                        "before /health answers 503",
+    "request_timeout": "abort a request still running after this many seconds with 504 (None = never)",
+    "header_timeout": "close a connection that has not sent complete request headers within this many seconds",
+    "body_timeout": "answer 408 and close when a request body stalls this many seconds between chunks",
+    "allowed_origins": "comma-separated browser origins (scheme://host:port) allowed to POST besides the "
+                       "server's own; * = any",
+    "allowed_hosts": "comma-separated Host names accepted besides localhost, 127.0.0.1, [::1] and --host "
+                     "(on a loopback --host; elsewhere, if set, only these); * = any",
 }
+_API_KEY_ENV = "RADIXFLOW_API_KEY"
 
 
-def _field_type(cls: type, name: str) -> type:
+def _field_type(cls: type, name: str) -> Any:
     hint = typing.get_type_hints(cls)[name]
+    if typing.get_origin(hint) is tuple:
+        return _comma_list
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args else hint
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 def _add_fields(parser: argparse.ArgumentParser, cls: type, skip: set[str]) -> None:
@@ -67,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = subs.add_parser("serve", help="run the HTTP server (native + OpenAI-compatible API)")
     serve.add_argument("--model", default=None, help="model folder or .gguf (default: SmolLM2-135M-Instruct)")
+    serve.add_argument("--api-key-file", default=None, metavar="PATH",
+                       help=f"read the API key from this file (stripped); else --api-key, else ${_API_KEY_ENV} "
+                            "(default: None)")
     _add_fields(serve, ServerArgs, {"engine"})
     _add_fields(serve, EngineConfig, {"model"})
 
@@ -87,13 +109,34 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine = EngineConfig.from_kwargs(model=ns.model, **_collect(ns, EngineConfig, {"model"}))
         if ns.command == "serve":
-            args = ServerArgs(engine=engine, **_collect(ns, ServerArgs, {"engine"}))
-    except (TypeError, ValueError) as e:
+            server_kwargs = _collect(ns, ServerArgs, {"engine", "api_key"})
+            args = ServerArgs(engine=engine, api_key=_api_key(ns), **server_kwargs)
+    except (TypeError, ValueError, OSError) as e:
         print(f"radixflow: error: {e}", file=sys.stderr)
         return 2
     if ns.command == "serve":
         return launch(args)
     return _generate(ns, engine)
+
+
+def _api_key(ns: argparse.Namespace) -> str | None:
+    """--api-key, else the contents of --api-key-file, else $RADIXFLOW_API_KEY, else None.
+    Raises ValueError when both options are given or the key is empty."""
+    flag, path = getattr(ns, "api_key", None), ns.api_key_file
+    if flag is not None and path is not None:
+        raise ValueError("give --api-key or --api-key-file, not both")
+    if flag is not None:
+        return flag
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            key = f.read().strip()
+        if not key:
+            raise ValueError(f"--api-key-file {path} is empty")
+        return key
+    env = os.environ.get(_API_KEY_ENV)
+    if env is not None and not env.strip():
+        raise ValueError(f"${_API_KEY_ENV} is set but empty")
+    return env.strip() if env is not None else None
 
 
 def launch(args: ServerArgs) -> int:

@@ -4,11 +4,15 @@ Used in-process by the offline Engine and inside the server's detokenizer proces
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 from radixflow.runtime.io_struct import ReqOutput
+from radixflow.runtime.request_faults import internal_abort
 from radixflow.runtime.tokenizer import IncrementalDecoder, Tokenizer
+
+logger = logging.getLogger(__name__)
 
 
 class _State:
@@ -80,6 +84,18 @@ class Detokenizer:
         if out.finished:
             self.states.pop(out.rid, None)
         return {"text": text, "output_ids": list(st.output_ids), "meta_info": meta}
+
+    def process_or_abort(self, out: ReqOutput) -> dict[str, Any] | None:
+        """As `process`, but if processing raises, the request's state is dropped and its result
+        is an internal-error abort (its text so far is lost); other requests are not touched."""
+        try:
+            return self.process(out)
+        except Exception as e:
+            logger.exception("detokenizing %s failed", out.rid)
+            self.discard(out.rid)
+            return {"text": "", "output_ids": [], "meta_info": {
+                "id": out.rid, "prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+                "cached_tokens": out.cached_tokens, "finish_reason": internal_abort("detokenizing", e)}}
 
     def _entry(self, st: _State, lp: float | None, tid: int) -> list:
         return [lp, tid, self.tokenizer.decode([tid], skip_special_tokens=False) if st.text_in_lp else None]

@@ -2,8 +2,9 @@
 
 Inbound (PULL, from the scheduler process): lists of `RegisterReq`, `BatchOutput`, `InfoOut`,
 `FlushCacheOut`. Outbound (PUSH, to the tokenizer manager): one list per inbound message of
-native result dicts (`Detokenizer.process`, one per request output, the request id in
-`meta_info.id`) and the `InfoOut` / `FlushCacheOut` replies, in arrival order.
+native result dicts (`Detokenizer.process_or_abort`, one per request output, the request id in
+`meta_info.id`; an output that fails to detokenize ends its request with an internal-error
+abort) and the `InfoOut` / `FlushCacheOut` replies, in arrival order.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import zmq
 
 from radixflow.runtime.io_struct import BatchOutput, RegisterReq
-from radixflow.runtime.launch import parent_alive, prepare_child
+from radixflow.runtime.launch import bind_pull, parent_alive, prepare_child
 
 logger = logging.getLogger("radixflow.detokenizer")
 
@@ -31,9 +32,7 @@ def run_detokenizer_process(tokenizer_path: str, in_addr: str, out_addr: str, lo
 
         detok = Detokenizer(Tokenizer.from_pretrained(tokenizer_path))
         ctx = zmq.Context()
-        pull = ctx.socket(zmq.PULL)
-        pull.setsockopt(zmq.RCVHWM, 0)
-        pull.bind(in_addr)
+        pull = bind_pull(ctx, in_addr)
         push = ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.SNDHWM, 0)
         push.setsockopt(zmq.LINGER, 0)
@@ -63,7 +62,7 @@ def _handle(detok: Any, items: list[Any]) -> list[Any]:
                            return_text_in_logprobs=item.return_text_in_logprobs)
         elif isinstance(item, BatchOutput):
             for o in item.outputs:
-                res = detok.process(o)
+                res = detok.process_or_abort(o)
                 if res is not None:
                     out.append(res)
         else:

@@ -364,15 +364,20 @@ class Engine:
                 fut.set_exception(e)
 
     def _route(self, outputs: list[ReqOutput]) -> None:
+        """Hand each output to its caller. One that fails to detokenize ends its request alone:
+        the caller gets the internal-error abort and the scheduler drops the request."""
         for out in outputs:
             sink = self._sinks.get(out.rid)
-            res = self.detokenizer.process(out)
+            res = self.detokenizer.process_or_abort(out)
             if sink is None or res is None:
                 continue
             sink(res)
-            if out.finished:
+            reason = res["meta_info"]["finish_reason"]
+            if reason is not None:
                 sink(_DONE)
                 del self._sinks[out.rid]
+                if not out.finished:
+                    self.scheduler.abort_request(out.rid, reason["message"])
 
 
 def _raise_if_error(res: dict) -> None:

@@ -15,6 +15,7 @@ from radixflow.grammars.jump_forward import jump_forward_tokens
 from radixflow.grammars.xgrammar_backend import XGrammarBackend, validate_grammar
 from radixflow.runtime.config import EngineConfig
 from radixflow.runtime.req import Req, ReqStatus
+from radixflow.runtime.request_faults import internal_abort
 from radixflow.runtime.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -55,74 +56,93 @@ class GrammarManager:
         return len(self.waiting)
 
     def poll(self) -> list[Req]:
-        """Requests whose grammar is ready (matcher attached) or failed (finish_reason set)."""
+        """Requests whose grammar is ready (matcher attached) or failed (finish_reason set: the
+        spec's error, or an internal error when compiling or creating the matcher raised)."""
         ready, still = [], []
         for req, deadline in self.waiting:
             try:
                 compiled = self.backend.poll(req.grammar_future, deadline)
+                if compiled is None:
+                    still.append((req, deadline))
+                    continue
+                req.grammar = self.backend.create_matcher(compiled)
             except GrammarError as e:
                 req.finish_reason = {"type": "abort", "message": str(e)}
-                ready.append(req)
-                continue
-            if compiled is None:
-                still.append((req, deadline))
-            else:
-                req.grammar = self.backend.create_matcher(compiled)
-                ready.append(req)
+            except Exception as e:
+                logger.exception("grammar compile of %s failed", req.rid)
+                req.finish_reason = internal_abort("grammar compile", e)
+            ready.append(req)
         self.waiting = still
         return ready
 
     def discard(self, req: Req) -> None:
         self.waiting = [(r, d) for r, d in self.waiting if r is not req]
 
-    def mask_fn(self, reqs: list[Req]) -> Callable[[torch.Tensor], None] | None:
-        """A hook masking the constrained rows of a (B, V) logits tensor, or None if none are."""
+    def mask_fn(self, reqs: list[Req]) -> Callable[[torch.Tensor], dict[int, Exception]] | None:
+        """A hook masking the constrained rows of a (B, V) logits tensor, or None if none are.
+        The hook returns {row: exception} for the rows whose matcher raised (left unmasked)."""
         rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
         if not rows:
             return None
 
-        def apply(logits: torch.Tensor) -> None:
+        def apply(logits: torch.Tensor) -> dict[int, Exception]:
             mask = self.backend.allocate_bitmask(len(rows))
-            used = [j for j, i in enumerate(rows) if reqs[i].grammar.fill_bitmask(mask, j)]
+            used, failed = [], {}
+            for j, i in enumerate(rows):
+                try:
+                    if reqs[i].grammar.fill_bitmask(mask, j):
+                        used.append(j)
+                except Exception as e:
+                    failed[i] = e
             if not used:
-                return
+                return failed
             sub = logits[rows]
             mask = mask.to(logits.device)
             self.backend.apply_bitmask(sub, mask, torch.tensor(used, device=logits.device))
             logits[rows] = sub
+            return failed
         return apply
 
     def accept(self, req: Req, token: int) -> None:
         if not req.grammar.accept_token(token):
             req.finish_reason = {"type": "abort", "message": f"grammar rejected token {token}"}
 
-    def jump_forward(self, reqs: list[Req], sched: Scheduler) -> None:
+    def jump_forward(self, reqs: list[Req], sched: Scheduler) -> list[tuple[Req, Exception]]:
         """For each running constrained request whose grammar forces text, append it at once.
 
         The request's KV goes to the radix cache and it re-enters the waiting queue with the
-        retokenized output; re-admission hits the cache for all but the changed tail."""
+        retokenized output; re-admission hits the cache for all but the changed tail. Returns
+        the requests for which this raised, with the exception (the caller fails them)."""
+        failed = []
         for req in reqs:
             if req.grammar is None or req.finished or req.status is not ReqStatus.RUNNING:
                 continue
             if req.return_logprob:
                 continue  # forced tokens have no sampled distribution to report
-            forced = req.grammar.find_jump_forward_string()
-            if not forced:
-                continue
-            # Tokens already streamed to the client must stay: retokenize the boundary only
-            # for requests whose output is not streamed.
-            k, new_ids = jump_forward_tokens(
-                req.output_ids[req.sent_len:], forced,
-                lambda s: self.tokenizer.encode(s, add_special_tokens=False),
-                lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))
-            # After the re-prefill the request samples one more token, so the forced tokens
-            # must leave room for it within max_new_tokens; otherwise decode normally.
-            budget = req.params.max_new_tokens - (len(req.output_ids) - k)
-            if not new_ids or len(new_ids) >= budget:
-                continue
-            if not req.grammar.accept_string(forced):
-                continue
-            sched.requeue(req)
-            del req.output_ids[len(req.output_ids) - k:]
-            req.output_ids.extend(new_ids)
-            self.jump_forward_tokens += len(new_ids)
+            try:
+                self._jump_forward_one(req, sched)
+            except Exception as e:
+                failed.append((req, e))
+        return failed
+
+    def _jump_forward_one(self, req: Req, sched: Scheduler) -> None:
+        forced = req.grammar.find_jump_forward_string()
+        if not forced:
+            return
+        # Tokens already streamed to the client must stay: retokenize the boundary only
+        # for requests whose output is not streamed.
+        k, new_ids = jump_forward_tokens(
+            req.output_ids[req.sent_len:], forced,
+            lambda s: self.tokenizer.encode(s, add_special_tokens=False),
+            lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))
+        # After the re-prefill the request samples one more token, so the forced tokens
+        # must leave room for it within max_new_tokens; otherwise decode normally.
+        budget = req.params.max_new_tokens - (len(req.output_ids) - k)
+        if not new_ids or len(new_ids) >= budget:
+            return
+        if not req.grammar.accept_string(forced):
+            return
+        sched.requeue(req)
+        del req.output_ids[len(req.output_ids) - k:]
+        req.output_ids.extend(new_ids)
+        self.jump_forward_tokens += len(new_ids)

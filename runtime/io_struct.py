@@ -65,6 +65,14 @@ class FlushCacheOut:
 
 
 @dataclass
+class Heartbeat:
+    """The scheduler has work and is alive: sent when no other message went out for
+    about a second (e.g. during a long chunked prefill). `steps` counts scheduler steps."""
+
+    steps: int
+
+
+@dataclass
 class ReqOutput:
     """What one request produced in one scheduler step (token ids only; text comes later).
 

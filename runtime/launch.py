@@ -1,9 +1,13 @@
 """The server's child processes (scheduler, detokenizer): spawn, wait until ready, watch, stop.
 
-Sockets (ZeroMQ ipc in a private temp dir; every PULL binds, every PUSH connects):
-    tokenizer manager --PUSH--> `scheduler.ipc`   --> scheduler process
-    scheduler process --PUSH--> `detokenizer.ipc` --> detokenizer process
-    detokenizer       --PUSH--> `tokenizer.ipc`   --> tokenizer manager (HTTP process)
+Sockets (ZeroMQ ipc; every PULL binds, every PUSH connects):
+    tokenizer manager --PUSH--> `scheduler`   --> scheduler process
+    scheduler process --PUSH--> `detokenizer` --> detokenizer process
+    detokenizer       --PUSH--> `tokenizer`   --> tokenizer manager (HTTP process)
+On Linux the endpoints are abstract-namespace names (`ipc://@radixflow-PID-RANDOM-NAME`): no file
+exists, so nothing is left behind even after SIGKILL. Abstract names are open to every local user,
+so `bind_pull` accepts only peers of our own uid (ZMQ_IPC_FILTER_UID; messages are pickles).
+Elsewhere they are `.ipc` files in a private temp dir that the caller removes.
 
 A child reports ("ready", info) or ("error", traceback) once over a one-way pipe. Children die
 with their parent: PR_SET_PDEATHSIG on Linux, plus a parent-pid check in their loops.
@@ -16,12 +20,15 @@ import ctypes
 import logging
 import multiprocessing as mp
 import os
+import secrets
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
+
+import zmq
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +45,42 @@ class IpcAddresses:
 
     @classmethod
     def in_dir(cls, folder: str) -> IpcAddresses:
-        return cls(*(f"ipc://{os.path.join(folder, name)}.ipc" for name in ("scheduler", "detokenizer", "tokenizer")))
+        return cls(*(f"ipc://{os.path.join(folder, name)}.ipc" for name in _NAMES))
+
+    @classmethod
+    def abstract(cls) -> IpcAddresses:
+        """Linux abstract-namespace endpoints, unique to this process and call."""
+        tag = f"radixflow-{os.getpid()}-{secrets.token_hex(8)}"
+        return cls(*(f"ipc://@{tag}-{name}" for name in _NAMES))
+
+
+_NAMES = ("scheduler", "detokenizer", "tokenizer")
+
+
+def abstract_ipc_supported() -> bool:
+    """True where abstract ipc endpoints can be limited to our uid (Linux with a libzmq that has
+    SO_PEERCRED filters)."""
+    if not sys.platform.startswith("linux") or not hasattr(zmq, "IPC_FILTER_UID"):
+        return False
+    sock = zmq.Context.instance().socket(zmq.PULL)
+    try:
+        sock.setsockopt(zmq.IPC_FILTER_UID, os.getuid())
+        return True
+    except zmq.ZMQError:
+        return False
+    finally:
+        sock.close(0)
+
+
+def bind_pull(ctx: zmq.Context, addr: str) -> zmq.Socket:
+    """A PULL socket bound to `addr` (no receive limit) that accepts only our own uid's processes
+    on an abstract endpoint."""
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    if addr.startswith("ipc://@"):
+        sock.setsockopt(zmq.IPC_FILTER_UID, os.getuid())
+    sock.bind(addr)
+    return sock
 
 
 def prepare_child(parent_pid: int, log_level: str = "info") -> None:

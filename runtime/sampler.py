@@ -7,19 +7,28 @@ with each request's own seeded generator (greedy requests take the argmax).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from radixflow.runtime.req import Req
+from radixflow.runtime.request_faults import Fault, batched_or_each
+
+# The grammar hook: masks the constrained rows of (B, V) logits in place and returns
+# {row: exception} for the rows whose grammar raised.
+GrammarMaskFn = Callable[[torch.Tensor], dict[int, Exception]]
 
 
 @dataclass
 class SampleOutput:
-    next_ids: list[int]
+    next_ids: list[int | None]  # None for a row in `faults`
     # For requests with return_logprob: raw-model logprob of the chosen token and top-k pairs.
     logprobs: list[float | None]
     top_logprobs: list[list[tuple[float, int]] | None]
+    # Rows whose request failed here: row -> (stage, exception). The other rows are sampled
+    # as if these were not in the batch.
+    faults: dict[int, Fault] = field(default_factory=dict)
 
 
 def top_logprobs_rows(logprobs: torch.Tensor, k: int) -> list[list[tuple[float, int]]]:
@@ -64,7 +73,6 @@ def mask_stops_before_min(logits: torch.Tensor, reqs: list[Req]) -> None:
 
 def sample_rows(logits: torch.Tensor, reqs: list[Req]) -> list[int]:
     """Temperature, top-k, top-p, min-p, then one draw per row from the request's generator."""
-    out: list[int] = []
     greedy = [r.params.is_greedy for r in reqs]
     argmax = logits.argmax(dim=-1).tolist()
     rows = [i for i, g in enumerate(greedy) if not g]
@@ -88,34 +96,73 @@ def sample_rows(logits: torch.Tensor, reqs: list[Req]) -> list[int]:
     for j, i in enumerate(rows):
         k = torch.multinomial(probs[j], 1, generator=reqs[i].generator).item()
         argmax[i] = int(sorted_ids[j, k])
-    out = argmax
-    return out
+    return argmax
+
+
+def output_logprobs(raw_lp: torch.Tensor, next_ids: list[int],
+                    reqs: list[Req]) -> list[tuple[float, list[tuple[float, int]]]]:
+    """Per row of (B, V) raw logprobs: the chosen token's logprob and the request's top pairs."""
+    assert raw_lp.shape[0] == len(next_ids) == len(reqs), (raw_lp.shape, len(next_ids), len(reqs))
+    chosen = raw_lp.gather(1, torch.tensor(next_ids, device=raw_lp.device)[:, None])[:, 0].tolist()
+    tops = top_logprobs_rows(raw_lp, max(r.top_logprobs_num for r in reqs))
+    return [(c, t[:r.top_logprobs_num]) for c, t, r in zip(chosen, tops, reqs)]
+
+
+def _adjusted(logits: torch.Tensor, reqs: list[Req], faults: dict[int, Fault]) -> torch.Tensor:
+    """A copy of logits after bias, penalties and min_new_tokens masking; a row whose request
+    makes them raise goes to `faults`."""
+    work = logits.clone()
+    try:
+        apply_penalties(work, reqs)
+        mask_stops_before_min(work, reqs)
+        return work
+    except Exception:
+        work.copy_(logits)  # undo the rows done before the fault; the faulty row(s) are found below
+    for i, r in enumerate(reqs):
+        try:
+            apply_penalties(work[i:i + 1], [r])
+            mask_stops_before_min(work[i:i + 1], [r])
+        except Exception as e:
+            faults[i] = ("logit penalties", e)
+    return work
+
+
+def _rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    return t if len(rows) == t.shape[0] else t[rows]
 
 
 class Sampler:
     """Stateless apart from the batch it is given; grammar masks are applied by the caller's hook."""
 
-    def sample(self, logits: torch.Tensor, reqs: list[Req], grammar_mask_fn=None) -> SampleOutput:
+    def sample(self, logits: torch.Tensor, reqs: list[Req],
+               grammar_mask_fn: GrammarMaskFn | None = None) -> SampleOutput:
         """logits: fp32 (B, V) of each request's last position; returns the next token per request.
 
-        `grammar_mask_fn(logits)` (optional) masks constrained rows in place after penalties."""
+        `grammar_mask_fn(logits)` (optional) masks constrained rows in place after penalties.
+        A row that raises (penalties, grammar, drawing, logprobs) or has no finite logit left
+        fails alone: it is reported in `faults` and the other rows are sampled as usual."""
         assert logits.dim() == 2 and logits.shape[0] == len(reqs), (logits.shape, len(reqs))
-        want_lp = [r.return_logprob for r in reqs]
-        raw_lp = logits.log_softmax(dim=-1) if any(want_lp) else None
-        logits = logits.clone()
-        apply_penalties(logits, reqs)
-        mask_stops_before_min(logits, reqs)
+        B = len(reqs)
+        faults: dict[int, Fault] = {}
+        raw_lp = logits.log_softmax(dim=-1) if any(r.return_logprob for r in reqs) else None
+        work = _adjusted(logits, reqs, faults)
         if grammar_mask_fn is not None:
-            grammar_mask_fn(logits)
-        next_ids = sample_rows(logits, reqs)
-        lps: list[float | None] = [None] * len(reqs)
-        tops: list[list[tuple[float, int]] | None] = [None] * len(reqs)
-        if raw_lp is not None:
-            chosen = raw_lp.gather(1, torch.tensor(next_ids, device=logits.device)[:, None])[:, 0].tolist()
-            kmax = max((r.top_logprobs_num for r in reqs if r.return_logprob), default=0)
-            top_all = top_logprobs_rows(raw_lp, kmax)
-            for i, r in enumerate(reqs):
-                if r.return_logprob:
-                    lps[i] = chosen[i]
-                    tops[i] = top_all[i][:r.top_logprobs_num]
-        return SampleOutput(next_ids, lps, tops)
+            for i, e in grammar_mask_fn(work).items():
+                faults.setdefault(i, ("grammar mask", e))
+        # NaN or +inf anywhere, or -inf everywhere (all masked), would poison the draw.
+        for i, ok in enumerate(torch.isfinite(work.amax(dim=-1)).tolist()):
+            if not ok:
+                faults.setdefault(i, ("sampling", ValueError("no finite logit to sample from")))
+        ids = batched_or_each(lambda rs: sample_rows(_rows(work, rs), [reqs[i] for i in rs]),
+                              [i for i in range(B) if i not in faults], faults, "sampling")
+        lps: list[float | None] = [None] * B
+        tops: list[list[tuple[float, int]] | None] = [None] * B
+        lp_rows = [i for i in ids if reqs[i].return_logprob]
+        if raw_lp is not None and lp_rows:
+            got = batched_or_each(lambda rs: output_logprobs(_rows(raw_lp, rs), [ids[i] for i in rs],
+                                                             [reqs[i] for i in rs]),
+                                  lp_rows, faults, "output logprobs")
+            for i, (lp, top) in got.items():
+                lps[i], tops[i] = lp, top
+        next_ids = [None if i in faults else ids[i] for i in range(B)]
+        return SampleOutput(next_ids, lps, tops, faults)

@@ -16,6 +16,7 @@ from radixflow.runtime.io_struct import ReqOutput, TokenizedGenerateReq
 from radixflow.runtime.kv_cache import KVCacheManager
 from radixflow.runtime.model_runner import ModelRunner
 from radixflow.runtime.req import Req, ReqStatus
+from radixflow.runtime.request_faults import internal_error
 from radixflow.runtime.sampler import Sampler, top_logprobs_rows
 from radixflow.runtime.schedule_policy import InBatchPrefixTracker, SchedulePolicy
 from radixflow.runtime.stop_checker import check_finished
@@ -106,7 +107,17 @@ class Scheduler:
 
     def abort_request(self, rid: str, message: str = "aborted by the client") -> None:
         req = self.reqs.get(rid)
-        if req is None or req.finished:
+        if req is not None:
+            self._abort(req, message)
+
+    def _fail(self, req: Req, what: str, exc: BaseException) -> None:
+        """End one request after `exc` while handling it (stage `what`): its KV is freed and it is
+        answered with an internal-error abort; the rest of the batch is not touched."""
+        logger.error("request %s failed in %s", req.rid, what, exc_info=exc)
+        self._abort(req, internal_error(what, exc))
+
+    def _abort(self, req: Req, message: str) -> None:
+        if req.finished:
             return
         if req in self.waiting:
             self.waiting.remove(req)
@@ -288,14 +299,25 @@ class Scheduler:
                 r.kv_len += 1
             self.new_token_ratio = max(_RATIO_MIN, self.new_token_ratio - _RATIO_DECAY)
             self._sample_and_append(last_logits[len(batch):], decoding)
+        self._finish_prefill(batch, last_logits, hidden)
+        return bool(decoding)
+
+    def _finish_prefill(self, batch: list[tuple[Req, int]], last_logits: torch.Tensor,
+                        hidden: torch.Tensor | None) -> None:
+        """After the forward of `batch`: input logprobs, cache the computed prefixes, and sample
+        the first token of each request whose prompt is now complete."""
         done: list[int] = []
         offset = 0
         for i, (req, n) in enumerate(batch):
             start = req.kv_len
             req.kv_len += n
-            if not req.input_logprobs_done:
-                self._input_logprobs(req, hidden[offset:offset + n], start)
             offset += n
+            if not req.input_logprobs_done:
+                try:
+                    self._input_logprobs(req, hidden[offset - n:offset], start)
+                except Exception as e:
+                    self._fail(req, "input logprobs", e)
+                    continue
             # Share what is computed right away (other requests with this prefix hit it while
             # this one is still running), both between chunks and once the prompt is done.
             self.cache.cache_prefix(req)
@@ -306,7 +328,7 @@ class Scheduler:
             req.input_logprobs_done = True
             done.append(i)
         if not done:
-            return bool(decoding)
+            return
         reqs = [batch[i][0] for i in done]
         finish_now = [r for r in reqs if r.params.max_new_tokens == 0 and not r.output_ids]
         for r in finish_now:
@@ -317,7 +339,6 @@ class Scheduler:
             sample_reqs = [batch[j][0] for j in keep]
             self.running.extend(sample_reqs)  # _sample_and_append takes finished ones out again
             self._sample_and_append(last_logits[keep], sample_reqs)
-        return bool(decoding)
 
     def _run_decode(self) -> None:
         self._ensure_decode_room()
@@ -373,14 +394,23 @@ class Scheduler:
         out = self.sampler.sample(logits, reqs, mask_fn)
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False)
         for i, (req, tok) in enumerate(zip(reqs, out.next_ids)):
+            if tok is None:
+                self._fail(req, *out.faults[i])
+                continue
             req.output_ids.append(tok)
             self.stats["generated_tokens"] += 1
             if req.return_logprob:
                 req.pending_output_logprobs.append((out.logprobs[i], tok))
                 req.pending_output_top.append(out.top_logprobs[i] or [])
-            if req.grammar is not None:
-                self.grammar.accept(req, tok)
-            check_finished(req, self.context_length, decode)
+            stage = "grammar accept_token"  # a fault here fails this request alone
+            try:
+                if req.grammar is not None:
+                    self.grammar.accept(req, tok)
+                stage = "stop check"
+                check_finished(req, self.context_length, decode)
+            except Exception as e:
+                self._fail(req, stage, e)
+                continue
             if req.finish_reason is not None:
                 if req in self.running:
                     self.running.remove(req)
@@ -388,7 +418,8 @@ class Scheduler:
             elif req.stream and (len(req.output_ids) - req.sent_len) >= self.config.stream_interval:
                 self._emit(req)
         if self.grammar is not None and not self.config.disable_jump_forward:
-            self.grammar.jump_forward([r for r in reqs if not r.finished], self)
+            for req, e in self.grammar.jump_forward([r for r in reqs if not r.finished], self):
+                self._fail(req, "jump-forward", e)
 
     def _finish(self, req: Req) -> None:
         self.cache.release(req)

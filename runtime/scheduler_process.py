@@ -4,7 +4,9 @@ Inbound (PULL, from the tokenizer manager): one object or a list of them per mes
 `TokenizedGenerateReq`, `AbortReq`, `FlushCacheReq`, `GetInfoReq` or `RegisterReq` (the last
 is forwarded to the detokenizer ahead of the request it describes, on the same ordered socket).
 Outbound (PUSH, to the detokenizer): one list per loop iteration, in order: forwarded
-`RegisterReq`s, `InfoOut` / `FlushCacheOut` replies, then a `BatchOutput`.
+`RegisterReq`s, `InfoOut` / `FlushCacheOut` replies, then a `BatchOutput`; while it has work,
+at least one list every `_HEARTBEAT_S` (a lone `Heartbeat` when nothing else went out), so the
+HTTP process can tell a stalled scheduler from a busy one.
 """
 
 from __future__ import annotations
@@ -25,16 +27,18 @@ from radixflow.runtime.io_struct import (
     FlushCacheOut,
     FlushCacheReq,
     GetInfoReq,
+    Heartbeat,
     InfoOut,
     RegisterReq,
     ReqOutput,
     TokenizedGenerateReq,
 )
-from radixflow.runtime.launch import parent_alive, prepare_child
+from radixflow.runtime.launch import bind_pull, parent_alive, prepare_child
 
 logger = logging.getLogger("radixflow.scheduler")
 
 _IDLE_POLL_MS = 500  # while idle, wake this often to check the parent is alive
+_HEARTBEAT_S = 1.0  # while busy, send something at least this often
 
 
 class _StepLogger:
@@ -79,9 +83,7 @@ def run_scheduler_process(config: EngineConfig, model_path: str, in_addr: str, o
         tokenizer = Tokenizer.from_pretrained(config.tokenizer or model_path)
         sched = Scheduler(config, model_path, tokenizer)
         ctx = zmq.Context()
-        pull = ctx.socket(zmq.PULL)
-        pull.setsockopt(zmq.RCVHWM, 0)
-        pull.bind(in_addr)
+        pull = bind_pull(ctx, in_addr)
         push = ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.SNDHWM, 0)
         push.setsockopt(zmq.LINGER, 0)
@@ -95,6 +97,7 @@ def run_scheduler_process(config: EngineConfig, model_path: str, in_addr: str, o
 
 
 def _serve(sched: Any, pull: zmq.Socket, push: zmq.Socket, step_log: _StepLogger, parent_pid: int) -> None:
+    last_sent = time.monotonic()
     while True:
         busy = sched.has_work()
         if not pull.poll(0 if busy else _IDLE_POLL_MS) and not busy:
@@ -117,8 +120,12 @@ def _serve(sched: Any, pull: zmq.Socket, push: zmq.Socket, step_log: _StepLogger
             raise
         if outputs:
             out.append(BatchOutput(outputs))
+        now = time.monotonic()
+        if not out and sched.has_work() and now - last_sent >= _HEARTBEAT_S:
+            out.append(Heartbeat(sched.stats["steps"]))
         if out:
             push.send_pyobj(out)
+            last_sent = now
         step_log.maybe_log(sched)
 
 

@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 from radixflow.runtime.config import EngineConfig
-from radixflow.runtime.launch import ChildProcesses, IpcAddresses
+from radixflow.runtime.launch import ChildProcesses, IpcAddresses, abstract_ipc_supported
 
 logger = logging.getLogger("radixflow.server")
 
@@ -33,7 +33,12 @@ class ServerArgs:
 
     `max_waiting_requests`: requests in flight beyond `engine.max_running_requests` before new
     ones get 503. `max_new_tokens_limit`: None = the context length. `log_interval`: scheduler
-    steps between log lines (0 = off)."""
+    steps between log lines (0 = off). `watchdog_timeout`: seconds without a sign of progress
+    from the scheduler, while requests are in flight, before /health answers 503.
+    `request_timeout`: seconds after which a request is aborted with 504 (None = never).
+    `header_timeout` / `body_timeout`: seconds a client may take to send its request headers /
+    between two chunks of its body. `allowed_origins` / `allowed_hosts`: browser Origins and Host
+    names accepted besides the server's own (`*` = any; see http_server._Guard)."""
 
     engine: EngineConfig = field(default_factory=EngineConfig)
     host: str = "127.0.0.1"
@@ -49,15 +54,28 @@ class ServerArgs:
     log_level: str = "info"
     health_generate_timeout: float = 60.0
     startup_timeout: float = 900.0
+    watchdog_timeout: float = 120.0
+    request_timeout: float | None = None
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty")
-        for name in ("max_request_bytes", "max_n", "health_generate_timeout", "startup_timeout"):
+        for name in ("max_request_bytes", "max_n", "health_generate_timeout", "startup_timeout", "watchdog_timeout",
+                     "header_timeout", "body_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise ValueError(f"request_timeout must be > 0, got {self.request_timeout}")
+        for name in ("allowed_origins", "allowed_hosts"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(isinstance(v, str) and v for v in value):
+                raise ValueError(f"{name} must be a tuple of non-empty strings, got {value!r}")
         for name in ("max_waiting_requests", "max_top_logprobs", "log_interval"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -92,13 +110,13 @@ def launch_server(args: ServerArgs) -> int:
     # (measured: 5-10x slower requests on 2 busy cores); children inherit this before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     children = ChildProcesses()
-    ipc_dir = tempfile.mkdtemp(prefix="radixflow-ipc-")
+    ipc_dir = None if abstract_ipc_supported() else tempfile.mkdtemp(prefix="radixflow-ipc-")
     sock = None
     try:
         sock = _bind(args.host, args.port)
         model_path = resolve_model_path(args.engine.model)
         tokenizer_path = args.engine.tokenizer or model_path
-        addrs = IpcAddresses.in_dir(ipc_dir)
+        addrs = IpcAddresses.abstract() if ipc_dir is None else IpcAddresses.in_dir(ipc_dir)
         children.spawn("scheduler", run_scheduler_process, args.engine, model_path, addrs.scheduler,
                        addrs.detokenizer, args.log_interval, args.log_level)
         children.spawn("detokenizer", run_detokenizer_process, tokenizer_path, addrs.detokenizer,
@@ -117,7 +135,8 @@ def launch_server(args: ServerArgs) -> int:
         children.stop()
         if sock is not None:
             sock.close()
-        shutil.rmtree(ipc_dir, ignore_errors=True)
+        if ipc_dir is not None:
+            shutil.rmtree(ipc_dir, ignore_errors=True)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -156,7 +175,8 @@ async def _serve(args: ServerArgs, model_path: str, tokenizer, addrs: IpcAddress
     for lg in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(lg).setLevel(max(logging.WARNING, logging.getLevelName(args.log_level.upper())))
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
-                                           timeout_graceful_shutdown=3, timeout_keep_alive=30))
+                                           timeout_graceful_shutdown=3, timeout_keep_alive=30,
+                                           http=header_timeout_protocol(args.header_timeout)))
     exit_code = 0
 
     async def watchdog() -> None:
@@ -195,3 +215,46 @@ async def _serve(args: ServerArgs, model_path: str, tokenizer, addrs: IpcAddress
         task.cancel()
         await tm.shutdown()
     return exit_code
+
+
+def header_timeout_protocol(timeout: float) -> type:
+    """uvicorn's h11 protocol, except that a client that has not sent complete request headers
+    `timeout` s after connecting (or after the first byte of its next request on a kept-alive
+    connection) is disconnected. uvicorn itself only times out idle kept-alive connections, so
+    slow senders (slowloris) would hold a connection forever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self.cycle is None or self.cycle.response_complete:
+                self._arm()  # waiting for the next request's headers (or an unread body's end)
+            super().data_received(data)
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._disarm()  # headers complete: the app runs (body timeouts are the app's)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(timeout, self._expired)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _expired(self) -> None:
+            self._header_timer = None
+            if not self.transport.is_closing():
+                logger.debug("closing a connection that sent no complete request in %.0fs", timeout)
+                self.transport.close()
+
+    return HeaderTimeoutProtocol

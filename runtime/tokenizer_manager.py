@@ -4,6 +4,11 @@ scheduler process, and route the detokenizer's results back to per-request async
 Lifecycle of one HTTP call: `prepare(...)` (raises APIError on bad input, touches nothing) ->
 `submit(prepared)` (raises APIError 503 when over capacity; sends) -> `results()` / `wait()` ->
 `close()` in a `finally` (aborts whatever has not finished: the client went away or failed).
+
+Liveness: every message from the pipeline (results, replies, the scheduler's `Heartbeat`s) counts
+as progress; `health()` reports a stall once requests have been in flight for
+`args.watchdog_timeout` s without any. A monitor task aborts requests older than
+`args.request_timeout` (their callers get 504).
 """
 
 from __future__ import annotations
@@ -26,10 +31,12 @@ from radixflow.runtime.io_struct import (
     FlushCacheOut,
     FlushCacheReq,
     GetInfoReq,
+    Heartbeat,
     InfoOut,
     RegisterReq,
     TokenizedGenerateReq,
 )
+from radixflow.runtime.launch import bind_pull
 from radixflow.runtime.metrics import ServerMetrics
 from radixflow.runtime.sampling_params import SamplingParams
 from radixflow.runtime.tokenizer import Tokenizer
@@ -43,6 +50,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _THREADED_TOKENIZE_CHARS = 16384  # tokenize longer prompts off the event loop
+_MONITOR_S = 1.0  # how often in-flight requests are checked against the request timeout
 
 
 class APIError(Exception):
@@ -85,6 +93,7 @@ class ReqState:
     finished: bool = False
     aborted_by_user: bool = False  # /abort_request: the abort result is a normal answer
     failed: bool = False  # the server failed it (a process died, shutdown)
+    timed_out: bool = False  # aborted after args.request_timeout
     tokens_seen: int = 0
     last_at: float = 0.0
 
@@ -104,6 +113,8 @@ class Submission:
             if fr.get("type") != "abort" or st.aborted_by_user:
                 continue
             msg = fr.get("message") or "request aborted"
+            if st.timed_out:
+                return APIError(504, msg, "server_error", "request_timeout")
             if st.failed:
                 return APIError(503, msg, "server_error", "service_unavailable")
             if msg.startswith("internal"):
@@ -134,26 +145,30 @@ class TokenizerManager:
         self._send.setsockopt(zmq.LINGER, 0)
         self._send.connect(addrs.scheduler)
         self._actx = zmq.asyncio.Context()
-        self._recv = self._actx.socket(zmq.PULL)
-        self._recv.setsockopt(zmq.RCVHWM, 0)
-        self._recv.bind(addrs.tokenizer)
+        self._recv = bind_pull(self._actx, addrs.tokenizer)
         self.states: dict[str, ReqState] = {}
         self.groups: dict[str, list[str]] = {}
         self._info_waiters: collections.deque[asyncio.Future] = collections.deque()
         self._flush_waiters: collections.deque[asyncio.Future] = collections.deque()
         self.unhealthy: str | None = None
         self.receiver: asyncio.Task | None = None
+        self._monitor: asyncio.Task | None = None
+        self._heard_at = time.monotonic()  # the last message from the pipeline, or work began
+        self._stalled = False
 
     def start(self) -> None:
-        """Start the receive loop (call from the running event loop)."""
-        self.receiver = asyncio.get_running_loop().create_task(self._recv_loop(), name="radixflow-recv")
+        """Start the receive loop and the request monitor (call from the running event loop)."""
+        loop = asyncio.get_running_loop()
+        self.receiver = loop.create_task(self._recv_loop(), name="radixflow-recv")
+        self._monitor = loop.create_task(self._monitor_loop(), name="radixflow-monitor")
 
     async def shutdown(self) -> None:
-        """Stop the receive loop and close the sockets."""
-        if self.receiver is not None and not self.receiver.done():
-            self.receiver.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.receiver
+        """Stop the receive loop and the monitor and close the sockets."""
+        for task in (self.receiver, self._monitor):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self._send.close(0)
         self._recv.close(0)
 
@@ -283,6 +298,8 @@ class TokenizerManager:
         for g in prepared.groups:
             if g in self.groups or g in self.states:
                 raise bad_request(f"request id {g!r} is already in use", param="rid")
+        if not self.states:
+            self._heard_at = time.monotonic()  # the watchdog counts from when work began
         sub = Submission([], prepared.prompt_index, prepared.groups)
         now = time.perf_counter()
         for r in prepared.reqs:
@@ -371,7 +388,10 @@ class TokenizerManager:
     async def _recv_loop(self) -> None:
         while True:
             items = pickle.loads(await self._recv.recv())
+            self._heard_at = time.monotonic()
             for item in items:
+                if isinstance(item, Heartbeat):
+                    continue
                 if isinstance(item, dict):
                     self._on_result(item)
                 elif isinstance(item, InfoOut):
@@ -398,24 +418,73 @@ class TokenizerManager:
         meta["e2e_latency"] = now - st.created
         st.result = res
         st.seq += 1
-        if meta.get("finish_reason") is not None:
+        fr = meta.get("finish_reason")
+        if fr is not None:
+            if fr.get("type") == "abort" and str(fr.get("message", "")).startswith("internal error: detokeniz"):
+                # The detokenizer failed this request; the scheduler may still be generating it.
+                self._send.send_pyobj(AbortReq(st.rid))
             self._drop(st)
             self.metrics.observe_finished(meta, now - st.created)
             self.metrics.in_flight.set(len(self.states))
+        st.event.set()
+
+    # ---- liveness -----------------------------------------------------------------------------
+
+    def stalled_for(self) -> float:
+        """Seconds since the pipeline last showed progress while requests are in flight (0 when
+        none are)."""
+        return time.monotonic() - self._heard_at if self.states else 0.0
+
+    def health(self) -> str | None:
+        """Why the server is unhealthy (a dead process, shutdown, a stalled scheduler), or None."""
+        if self.unhealthy:
+            return self.unhealthy
+        stalled = self.stalled_for()
+        if stalled > self.args.watchdog_timeout:
+            return (f"the scheduler made no progress for {stalled:.0f}s with {len(self.states)} requests in flight "
+                    f"(watchdog timeout {self.args.watchdog_timeout:g}s)")
+        return None
+
+    async def _monitor_loop(self) -> None:
+        while True:
+            await asyncio.sleep(_MONITOR_S)
+            self._check_stall()
+            limit = self.args.request_timeout
+            if limit is None:
+                continue
+            now = time.perf_counter()
+            for st in [st for st in self.states.values() if now - st.created > limit]:
+                logger.warning("request %s timed out after %.0fs: aborting it", st.rid, now - st.created)
+                st.timed_out = True
+                self._fail(st, f"the request timed out after {limit:g}s (--request-timeout)")
+                self._send.send_pyobj(AbortReq(st.rid))
+            self.metrics.in_flight.set(len(self.states))
+
+    def _check_stall(self) -> None:
+        """Log when the scheduler starts and stops stalling (once each)."""
+        problem = None if self.unhealthy else self.health()
+        if problem is not None and not self._stalled:
+            logger.error("unhealthy: %s", problem)
+        elif problem is None and self._stalled:
+            logger.warning("the scheduler makes progress again")
+        self._stalled = problem is not None
+
+    def _fail(self, st: ReqState, message: str) -> None:
+        """Finish `st` with an abort result carrying `message` and wake its caller."""
+        st.result = {"text": "", "output_ids": [], "meta_info": {
+            "id": st.rid, "prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0,
+            "e2e_latency": time.perf_counter() - st.created,
+            "finish_reason": {"type": "abort", "message": message}}}
+        st.seq += 1
+        self._drop(st)
         st.event.set()
 
     def fail_all(self, message: str) -> None:
         """Finish every in-flight request and control call with an error (a process died or the
         server is shutting down)."""
         for st in list(self.states.values()):
-            st.result = {"text": "", "output_ids": [], "meta_info": {
-                "id": st.rid, "prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0,
-                "e2e_latency": time.perf_counter() - st.created,
-                "finish_reason": {"type": "abort", "message": message}}}
             st.failed = True
-            st.seq += 1
-            self._drop(st)
-            st.event.set()
+            self._fail(st, message)
         for waiters in (self._info_waiters, self._flush_waiters):
             while waiters:
                 fut = waiters.popleft()

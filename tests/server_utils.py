@@ -31,9 +31,10 @@ SHARED_ARGS = ["--max-total-tokens", str(POOL_SIZE), "--max-running-requests", "
 
 
 class ServerProcess:
-    """`radixflow serve --port 0 ARGS` in a subprocess; `url` once its ready line was printed."""
+    """`radixflow serve --port 0 ARGS` in a subprocess (with `env` added to the environment);
+    `url` once its ready line was printed."""
 
-    def __init__(self, args: list[str], timeout: float = 600.0) -> None:
+    def __init__(self, args: list[str], timeout: float = 600.0, env: dict[str, str] | None = None) -> None:
         model = os.environ.get("RADIXFLOW_TEST_MODEL")
         cmd = [sys.executable, "-m", "radixflow.runtime.cli", "serve", "--port", "0", *args]
         if model:
@@ -42,7 +43,7 @@ class ServerProcess:
         # cleanup(): a server killed with SIGKILL cannot remove its own.
         self.tmpdir = tempfile.mkdtemp(prefix="radixflow-test-")
         self.log_path = os.path.join(self.tmpdir, "server.log")
-        env = {**os.environ, "TMPDIR": self.tmpdir}
+        env = {**os.environ, **(env or {}), "TMPDIR": self.tmpdir}
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
         self.stdout_lines: list[str] = []
