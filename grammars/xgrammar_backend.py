@@ -61,6 +61,40 @@ def _check_schema_patterns(node: Any) -> None:
             _check_schema_patterns(item)
 
 
+def _check_refs(node: Any, root: dict[str, Any]) -> None:
+    """Raise GrammarError for a `$ref` that does not resolve inside the schema itself: remote
+    references are never fetched, and xgrammar would otherwise drop them silently."""
+    if isinstance(node, list):
+        for item in node:
+            _check_refs(item, root)
+        return
+    if not isinstance(node, dict):
+        return
+    ref = node.get("$ref")
+    if ref is not None:
+        if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
+            raise GrammarError(f"json_schema $ref {ref!r} is not supported: only references within the schema "
+                               "('#' or '#/...') are resolved; remote references are not fetched")
+        target: Any = root
+        for part in ref[2:].split("/") if ref != "#" else []:
+            key = part.replace("~1", "/").replace("~0", "~")
+            if isinstance(target, dict) and key in target:
+                target = target[key]
+            elif isinstance(target, list) and key.isdigit() and int(key) < len(target):
+                target = target[int(key)]
+            else:
+                raise GrammarError(f"json_schema $ref {ref!r} does not resolve: no {key!r} in the schema")
+    for key, value in node.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):  # names -> schemas (a property may be called "enum")
+            for sub in value.values():
+                _check_refs(sub, root)
+        elif key not in ("enum", "const", "default", "examples"):  # literal values, not schemas
+            _check_refs(value, root)
+
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
 def _json_schema_grammar(spec: str, any_whitespace: bool) -> xgr.Grammar:
     try:
         schema = json.loads(spec)
@@ -69,6 +103,7 @@ def _json_schema_grammar(spec: str, any_whitespace: bool) -> xgr.Grammar:
     if not isinstance(schema, dict):
         raise GrammarError(f"json_schema must be a JSON object, got {type(schema).__name__}")
     _check_schema_patterns(schema)
+    _check_refs(schema, schema)
     core = {k: v for k, v in schema.items() if k not in _ANNOTATION_KEYS}
     if core in ({}, {"type": "object"}):
         spec = '{"type": "object"}'  # any JSON object (json_object mode)

@@ -19,9 +19,10 @@ from typing import Any
 from radixflow.runtime.config import EngineConfig
 from radixflow.runtime.detokenizer import Detokenizer
 from radixflow.runtime.io_struct import ReqOutput, TokenizedGenerateReq
-from radixflow.runtime.sampling_params import SamplingParams
+from radixflow.runtime.sampling_params import SamplingParams, copy_seed
 from radixflow.runtime.scheduler import Scheduler
 from radixflow.runtime.tokenizer import Tokenizer
+from radixflow.runtime.validation import check_strings, check_text
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +176,8 @@ class Engine:
             texts = [prompt] if single else list(prompt)
             if not all(isinstance(t, str) for t in texts):
                 raise ValueError("prompt must be a string or a list of strings")
+            for t in texts:
+                check_text(t, "prompt")
             ids_list = [self.tokenizer.encode_prompt(t) for t in texts]
         else:
             single = bool(input_ids) and isinstance(input_ids[0], int) or input_ids == []
@@ -188,12 +191,13 @@ class Engine:
         rids = rid if isinstance(rid, list) else [rid] * len(ids_list)
         out = []
         for text, ids, spd, r in zip(texts, ids_list, sp, rids):
+            check_strings(spd, "sampling_params")
             params = SamplingParams.from_dict(spd)
             params.validate(self.scheduler.runner.vocab_size)
             self.scheduler.validate(ids, params.max_new_tokens)
             base = r or uuid.uuid4().hex
             for i in range(params.n):
-                p = params.replace(n=1, seed=None if params.seed is None else params.seed + i)
+                p = params.replace(n=1, seed=copy_seed(params.seed, i))
                 req = TokenizedGenerateReq(rid=base if params.n == 1 else f"{base}-{i}", input_text=text,
                                            input_ids=ids, sampling_params=p, return_logprob=return_logprob,
                                            logprob_start_len=logprob_start_len,

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from radixflow.runtime.tokenizer_manager import APIError, Submission, TokenizerManager, bad_request
+from radixflow.runtime.validation import check_json_nesting, check_strings
 
 if TYPE_CHECKING:
     from radixflow.runtime.server import ServerArgs
@@ -77,10 +78,21 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         if size > max_bytes:
             raise APIError(413, f"request body larger than {max_bytes} bytes", code="request_too_large")
         chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
-        return json.loads(b"".join(chunks))
+        check_json_nesting(raw)  # before json.loads, which recurses once per level
+        body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad_request(f"the request body is not valid JSON: {e}") from None
+    except ValueError as e:
+        raise bad_request(str(e)) from None
+    fields = body.items() if isinstance(body, dict) else [("the request body", body)]
+    for name, value in fields:
+        try:
+            check_strings(value, name)
+        except ValueError as e:
+            raise bad_request(str(e), param=name if isinstance(body, dict) else None) from None
+    return body
 
 
 @contextlib.asynccontextmanager

@@ -61,6 +61,7 @@ class ModelRunner:
             torch.set_num_threads(config.num_threads)
         self.model_config = mc = ModelConfig.from_folder(model_path)
         ctx = config.context_length or min(mc.max_position_embeddings, _MAX_DEFAULT_CONTEXT)
+        ctx = _within_sliding_window(ctx, mc.sliding_window, explicit=config.context_length is not None)
         self.num_slots = self._pool_size(mc, ctx)
         self.context_length = min(ctx, self.num_slots)
 
@@ -132,3 +133,17 @@ class ModelRunner:
         last_rows = batch.extend_start_loc + batch.extend_lens - 1
         logits = self.model.compute_logits(hidden[last_rows])
         return logits, (hidden if batch.return_all_logits else None)
+
+
+def _within_sliding_window(ctx: int, window: int | None, explicit: bool) -> int:
+    """The context length, capped at the model's sliding attention window: the engine attends to
+    every earlier token, which equals sliding-window attention exactly while no sequence is
+    longer than the window. An explicit context_length beyond the window is refused."""
+    if window is None or window >= ctx:
+        return ctx
+    if explicit:
+        raise ValueError(f"context_length {ctx} exceeds this model's sliding attention window ({window} tokens): "
+                         "sliding-window attention is not implemented, so sequences are limited to the window")
+    logger.warning("this model attends within a sliding window of %d tokens; the context length is limited "
+                   "to %d (sliding-window attention beyond it is not implemented)", window, window)
+    return window

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 _GREEDY_EPS = 1e-6
+_MAX_TEMPERATURE = 100.0  # beyond this every distribution is uniform to float precision
+_MAX_INT = 2**31 - 1  # token counts, n and top_k: anything larger is a mistake or an attack
 
 
 class SamplingParamsError(ValueError):
@@ -63,10 +66,9 @@ class SamplingParams:
 
             d["json_schema"] = json.dumps(d["json_schema"])
         if d.get("logit_bias"):
-            try:
-                d["logit_bias"] = {int(k): float(v) for k, v in d["logit_bias"].items()}
-            except (TypeError, ValueError, AttributeError) as e:
-                raise SamplingParamsError("logit_bias must map token ids to floats") from e
+            d["logit_bias"] = _parse_logit_bias(d["logit_bias"])
+        elif d.get("logit_bias") is None:
+            d.pop("logit_bias", None)
         p = cls(**d)
         p.validate()
         return p
@@ -105,6 +107,11 @@ class SamplingParams:
         for name in ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty",
                      "repetition_penalty"):
             check_type(name, (float, int))
+            if not math.isfinite(getattr(self, name)):
+                raise SamplingParamsError(f"{name} must be a finite number, got {getattr(self, name)}")
+        for name in ("max_new_tokens", "min_new_tokens", "n", "top_k"):
+            if abs(getattr(self, name)) > _MAX_INT:
+                raise SamplingParamsError(f"{name} is out of range: {getattr(self, name)}")
         for name in ("ignore_eos", "skip_special_tokens", "no_stop_trim", "spaces_between_special_tokens"):
             check_type(name, (bool,))
         if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
@@ -125,8 +132,8 @@ class SamplingParams:
             )
         if self.n < 1:
             raise SamplingParamsError(f"n must be >= 1, got {self.n}")
-        if self.temperature < 0:
-            raise SamplingParamsError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature <= _MAX_TEMPERATURE:
+            raise SamplingParamsError(f"temperature must be in [0, {_MAX_TEMPERATURE}], got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise SamplingParamsError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k == 0 or self.top_k < -1:
@@ -149,6 +156,15 @@ class SamplingParams:
             raise SamplingParamsError("choices must be a non-empty list of strings")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise SamplingParamsError(f"seed must be an integer, got {type(self.seed).__name__}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise SamplingParamsError(f"seed must be a 64-bit integer in [-2**63, 2**63), got {self.seed}")
+        if not isinstance(self.logit_bias, dict):
+            raise SamplingParamsError("logit_bias must map token ids to numbers")
+        for t, v in self.logit_bias.items():
+            if not isinstance(t, int) or isinstance(t, bool):
+                raise SamplingParamsError(f"logit_bias keys must be token ids, got {t!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+                raise SamplingParamsError(f"logit_bias[{t}] must be a number in [-100, 100], got {v!r}")
         if vocab_size is not None:
             for t in list(self.stop_token_ids) + list(self.logit_bias):
                 if not 0 <= t < vocab_size:
@@ -156,3 +172,25 @@ class SamplingParams:
 
     def replace(self, **changes: Any) -> SamplingParams:
         return dataclasses.replace(self, **changes)
+
+
+def copy_seed(seed: int | None, i: int) -> int | None:
+    """The seed of copy i of an n > 1 request: seed + i, wrapped into the 64-bit range."""
+    return None if seed is None else (seed + i + 2**63) % 2**64 - 2**63
+
+
+def _parse_logit_bias(bias: Any) -> dict[int, float]:
+    """{token id: bias} from JSON (keys may be strings, as in the OpenAI API). Values must be
+    finite numbers in [-100, 100], as the OpenAI API documents; strings such as "nan" are refused."""
+    if not isinstance(bias, dict):
+        raise SamplingParamsError("logit_bias must map token ids to numbers")
+    out: dict[int, float] = {}
+    for k, v in bias.items():
+        try:
+            t = int(k)
+        except (TypeError, ValueError):
+            raise SamplingParamsError(f"logit_bias keys must be token ids, got {k!r}") from None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+            raise SamplingParamsError(f"logit_bias[{k}] must be a number in [-100, 100], got {v!r}")
+        out[t] = float(v)
+    return out

@@ -38,7 +38,7 @@ from radixflow.runtime.io_struct import (
 )
 from radixflow.runtime.launch import bind_pull
 from radixflow.runtime.metrics import ServerMetrics
-from radixflow.runtime.sampling_params import SamplingParams
+from radixflow.runtime.sampling_params import SamplingParams, copy_seed
 from radixflow.runtime.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -213,7 +213,7 @@ class TokenizerManager:
                 if sub in seen or sub in self.states or sub in self.groups:
                     raise bad_request(f"request id {sub!r} is already in use", param="rid")
                 seen.add(sub)
-                sp = p.replace(n=1, seed=None if p.seed is None else p.seed + j)
+                sp = p.replace(n=1, seed=copy_seed(p.seed, j))
                 text = prompts[i] if isinstance(prompts[i], str) else None
                 out.reqs.append(TokenizedGenerateReq(
                     rid=sub, input_text=text, input_ids=ids, sampling_params=sp, return_logprob=return_logprob,

@@ -127,6 +127,8 @@ def _make_checkpoint(tmp_path, kind: str, tokenizer_dir: str) -> str:
         cfg = transformers.Qwen2Config(**common)
     elif kind == "mistral":
         cfg = transformers.MistralConfig(**common, sliding_window=None)
+    elif kind == "mistral_window":
+        cfg = transformers.MistralConfig(**common, sliding_window=64)
     else:
         raise ValueError(kind)
     torch.manual_seed(0)
@@ -164,3 +166,23 @@ def test_small_random_checkpoints_match_hf(tmp_path, default_model_path, kind):
             want = ref[torch.arange(len(p) - 1), torch.tensor(p[1:])]
             assert (ours - want).abs().max().item() < 1e-3
         eng.check_invariant()
+
+
+def test_a_sliding_window_model_is_limited_to_its_window(tmp_path, default_model_path):
+    """Full attention equals sliding-window attention up to the window, so the engine caps the
+    context there: outputs match HF, longer prompts are refused, a larger explicit context too."""
+    from radixflow.runtime.engine import Engine
+
+    path, hf = _make_checkpoint(tmp_path, "mistral_window", default_model_path)
+    prompt = torch.randint(3, 49152, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    with torch.no_grad():
+        ref = hf_greedy(hf, prompt, 12)
+    with Engine(path, max_total_tokens=1024, max_running_requests=4) as eng:
+        assert eng.context_length == 64
+        r = eng.generate(input_ids=prompt, sampling_params={"temperature": 0, "max_new_tokens": 12,
+                                                            "ignore_eos": True})
+        assert r["output_ids"] == ref
+        with pytest.raises(ValueError, match="context length is 64"):
+            eng.generate(input_ids=prompt + prompt, sampling_params={"max_new_tokens": 1})
+    with pytest.raises(ValueError, match="sliding attention window"):
+        Engine(path, max_total_tokens=1024, context_length=128)
