@@ -281,12 +281,13 @@ class _Completion(_Call):
         self.top_n = _int(b, "logprobs", None, 0, self.tm.args.max_top_logprobs)
         max_tokens = _int(b, "max_tokens", 16, 0)
         self.n_prompts = len(prompts)
-        self.echo_text = [p if isinstance(p, str) else self.tm.tokenizer.decode(p) for p in prompts]
         rids = [self.id] if len(prompts) == 1 else [f"{self.id}-p{i}" for i in range(len(prompts))]
         self.prepared = await self.tm.prepare(
             prompts, [self.sampling(max_tokens)] * len(prompts), rids=rids, return_logprob=self.top_n is not None,
             logprob_start_len=0 if self.echo and self.top_n is not None else -1, top_logprobs_num=self.top_n or 0,
             return_text_in_logprobs=True, stream=self.stream)
+        # Token-id prompts are decoded only now that prepare() has checked their ids.
+        self.echo_text = [p if isinstance(p, str) else self.tm.tokenizer.decode(p) for p in prompts]
 
     def first_delta(self, i: int) -> dict[str, Any] | None:
         if not self.echo:
@@ -424,7 +425,7 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
         raise bad_request("messages must be a non-empty list", param="messages")
     out = []
     for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in _ROLES:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in _ROLES:
             raise bad_request(f"each message needs a role in {sorted(_ROLES)}", param="messages")
         content = m.get("content")
         if isinstance(content, list):

@@ -160,3 +160,16 @@ def test_hostile_input_is_a_400_naming_the_field(server, client, case):
 def test_after_the_hostile_inputs_the_pool_is_whole(server, client):
     assert httpx.get(server.url + "/health").status_code == 200
     wait_pool_whole(client)
+
+
+def test_completions_with_an_out_of_range_token_id_prompt_is_a_400(client):
+    """Found by the fuzzer: the echo text was decoded before the ids were checked (a 500)."""
+    r = client.post("/v1/completions", json={"prompt": [-1], "max_tokens": 2})
+    assert_error(r, 400)
+    assert "input token id -1" in r.json()["error"]["message"]
+
+
+def test_chat_message_with_a_non_string_role_is_a_400(client):
+    """Found by the fuzzer: an unhashable role ([]) was a 500."""
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": [], "content": "Hi"}], "max_tokens": 2})
+    assert assert_error(r, 400)["param"] == "messages"
