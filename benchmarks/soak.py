@@ -254,12 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=32, help="requests in flight at once (default 32)")
     ap.add_argument("--max-running", type=int, default=32, help="the server's --max-running-requests")
     ap.add_argument("--programs", type=int, default=None, help="DSL programs (default: requests / 100)")
-    ap.add_argument("--warmup", type=int, default=None, help="requests before the first RSS reading")
+    ap.add_argument("--warmup", type=int, default=None, help="requests before the RSS baseline (default: a tenth)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default=None)
     args = ap.parse_args(argv)
     programs = args.requests // 100 if args.programs is None else args.programs
-    warmup = min(args.requests // 10, 500) if args.warmup is None else args.warmup
+    warmup = args.requests // 10 if args.warmup is None else args.warmup
     print(cpu_line())
     log = tempfile.NamedTemporaryFile("w+", prefix="radixflow-soak-", suffix=".log", delete=False)
     proc, url = launch(args, log)
@@ -269,8 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     rss: dict[str, float] = {"start": rss_mb(procs)}
 
     def on_progress(i: int) -> None:
-        done = sum(tally.counts.values())
-        if done == warmup:
+        if "after warm-up" not in rss and sum(tally.counts.values()) >= warmup:
             rss["after warm-up"] = rss_mb(procs)
 
     stop = threading.Event()
