@@ -142,8 +142,8 @@ class Probe:
 
     def install(self) -> None:
         from radixflow.grammars.xgrammar_backend import XGrammarBackend, XGrammarMatcher
-        from radixflow.runtime.grammar_manager import GrammarManager
-        from radixflow.runtime.model_runner import ModelRunner
+        from radixflow.runtime.model.model_runner import ModelRunner
+        from radixflow.runtime.scheduler.grammar_manager import GrammarManager
 
         mask_fn = GrammarManager.mask_fn
 
@@ -212,8 +212,8 @@ def main() -> None:
 
     import torch
 
-    from radixflow.runtime.default_model import resolve_model_path
     from radixflow.runtime.engine import Engine
+    from radixflow.runtime.loading.default_model import resolve_model_path
 
     probe = Probe()
     probe.install()

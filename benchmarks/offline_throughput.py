@@ -95,7 +95,7 @@ def measure(system: str, num: int, batch: int, seed: int) -> dict:
         import radixflow  # noqa: F401  (before torch: its thread settings)
     import torch
 
-    from radixflow.runtime.default_model import resolve_model_path
+    from radixflow.runtime.loading.default_model import resolve_model_path
 
     path = resolve_model_path(None)
     prompts, outs = workload(num, seed)

@@ -84,7 +84,7 @@ def make_workload(name: str, n: int, args: argparse.Namespace, rng: random.Rando
 
 
 def launch_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "radixflow.runtime.cli", "serve", "--port", "0", "--log-level", "warning",
+    cmd = [sys.executable, "-m", "radixflow.runtime.server.cli", "serve", "--port", "0", "--log-level", "warning",
            "--max-total-tokens", str(args.max_total_tokens), "--max-running-requests", str(args.max_running_requests),
            "--log-interval", "0"]
     if args.model:

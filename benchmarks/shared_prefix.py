@@ -115,7 +115,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=["a", "b"], default=None)
     args = ap.parse_args()
-    from radixflow.runtime.default_model import resolve_model_path
+    from radixflow.runtime.loading.default_model import resolve_model_path
 
     path = resolve_model_path(None)
     print("| workload | cache | time (s) | req/s | output tok/s | mean TTFT (s) | hit rate | ideal hit rate |")

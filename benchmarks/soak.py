@@ -66,7 +66,7 @@ def cpu_line() -> str:
 
 def launch(args: argparse.Namespace, log: Any) -> tuple[subprocess.Popen, str]:
     """Start the server, its log going to `log`; (process, URL) once it is ready."""
-    cmd = [sys.executable, "-m", "radixflow.runtime.cli", "serve", "--port", "0", "--log-level", "warning",
+    cmd = [sys.executable, "-m", "radixflow.runtime.server.cli", "serve", "--port", "0", "--log-level", "warning",
            "--max-total-tokens", str(args.pool), "--max-running-requests", str(args.max_running),
            "--log-interval", "0", "--max-n", "4"]
     if args.model:

@@ -78,7 +78,7 @@ def _load() -> ctypes.CDLL | None:
         _tried = True
         if os.environ.get("RADIXFLOW_DISABLE_CPU_EXT") == "1":
             return None
-        from radixflow.runtime.default_model import cache_dir
+        from radixflow.runtime.loading.default_model import cache_dir
 
         sources = b"".join(src.read_bytes() for src in (*_SRCS, *_HEADERS))
         digest = hashlib.sha256(sources + _cpu_key().encode() + _FLAGS_VERSION).hexdigest()[:16]

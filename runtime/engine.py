@@ -17,11 +17,11 @@ from concurrent.futures import Future
 from typing import Any
 
 from radixflow.runtime.config import EngineConfig
-from radixflow.runtime.detokenizer import Detokenizer
 from radixflow.runtime.io_struct import ReqOutput, TokenizedGenerateReq
 from radixflow.runtime.sampling_params import SamplingParams, copy_seed
-from radixflow.runtime.scheduler import Scheduler
-from radixflow.runtime.tokenizer import Tokenizer
+from radixflow.runtime.scheduler.scheduler import Scheduler
+from radixflow.runtime.text.detokenizer import Detokenizer
+from radixflow.runtime.text.tokenizer import Tokenizer
 from radixflow.runtime.validation import check_strings, check_text
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class Engine:
     """In-process engine. `Engine(model=None, **opts)`: opts are EngineConfig fields."""
 
     def __init__(self, model: str | None = None, **opts: Any) -> None:
-        from radixflow.runtime.default_model import resolve_model_path
+        from radixflow.runtime.loading.default_model import resolve_model_path
 
         self.config = EngineConfig.from_kwargs(model=model, **opts)
         self.model_path = resolve_model_path(model)

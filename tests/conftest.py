@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def default_model_path() -> str:
-    from radixflow.runtime.default_model import resolve_model_path
+    from radixflow.runtime.loading.default_model import resolve_model_path
 
     return resolve_model_path(None)
 
@@ -34,6 +34,6 @@ def engine(default_model_path: str):
 
 @pytest.fixture(scope="session")
 def tokenizer(default_model_path: str):
-    from radixflow.runtime.tokenizer import Tokenizer
+    from radixflow.runtime.text.tokenizer import Tokenizer
 
     return Tokenizer.from_pretrained(default_model_path)

@@ -36,7 +36,7 @@ class ServerProcess:
 
     def __init__(self, args: list[str], timeout: float = 600.0, env: dict[str, str] | None = None) -> None:
         model = os.environ.get("RADIXFLOW_TEST_MODEL")
-        cmd = [sys.executable, "-m", "radixflow.runtime.cli", "serve", "--port", "0", *args]
+        cmd = [sys.executable, "-m", "radixflow.runtime.server.cli", "serve", "--port", "0", *args]
         if model:
             cmd += ["--model", model]
         # The server's temp files (IPC sockets) and its log live in a folder of ours, removed by

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from radixflow.kernels import cpu_ext
 from radixflow.runtime.config import EngineConfig
-from radixflow.runtime.cpu_gemm import numpy_view_t, openblas_linear, probe
+from radixflow.runtime.model.cpu_gemm import numpy_view_t, openblas_linear, probe
 
 
 @pytest.mark.parametrize("rows", [1, 2, 7, 64])

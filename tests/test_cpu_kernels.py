@@ -7,9 +7,9 @@ import torch
 
 from radixflow.kernels import cpu_ext
 from radixflow.kernels.reference import decode_attention_ref, fused_add_rmsnorm_ref, rmsnorm_ref
-from radixflow.runtime.attention.torch_backend import TorchAttnBackend
-from radixflow.runtime.forward_batch import ForwardBatch, ForwardMode
-from radixflow.runtime.memory_pool import KVPool, ReqToTokenPool
+from radixflow.runtime.model.attention.torch_backend import TorchAttnBackend
+from radixflow.runtime.model.forward_batch import ForwardBatch, ForwardMode
+from radixflow.runtime.model.memory_pool import KVPool, ReqToTokenPool
 
 pytestmark = pytest.mark.skipif(not cpu_ext.available(), reason="no C compiler for the CPU kernels")
 
@@ -126,7 +126,7 @@ def test_rms_norm_kernel_rejects_bad_input():
 
 
 def test_model_norm_uses_kernel_and_agrees_with_torch_path():
-    from radixflow.runtime.models.llama import RMSNorm
+    from radixflow.runtime.model.llama import RMSNorm
 
     norm = RMSNorm(32, 1e-6)
     with torch.no_grad():
@@ -143,8 +143,8 @@ def test_model_norm_uses_kernel_and_agrees_with_torch_path():
 
 @pytest.mark.parametrize("T", [1, 5, 600])  # 600 x 12 x 64: split among the pool's threads
 def test_rope_kernel_rotates_a_strided_view_in_place_like_the_torch_path(T):
-    from radixflow.runtime.model_config import ModelConfig
-    from radixflow.runtime.models.llama import RotaryEmbedding
+    from radixflow.runtime.model.llama import RotaryEmbedding
+    from radixflow.runtime.model.model_config import ModelConfig
 
     cfg = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], "hidden_size": 64 * 9,
                                  "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 64,

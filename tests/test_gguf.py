@@ -16,8 +16,8 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import dequantize as ref_dequantize
 from gguf.quants import quantize as ref_quantize
 
-from radixflow.runtime import default_model as dm
-from radixflow.runtime.gguf import dequantize, hf_tensor_name, permute_qk, unpermute_qk
+from radixflow.runtime.loading import default_model as dm
+from radixflow.runtime.loading.gguf import dequantize, hf_tensor_name, permute_qk, unpermute_qk
 
 OWN_TYPES = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.F16, QT.BF16, QT.F32]
 
@@ -164,7 +164,7 @@ def test_converted_weights(model_dir: Path, gguf_reader: GGUFReader) -> None:
 def test_transformers_loads_converted_model_and_generates(model_dir: Path) -> None:
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from radixflow.runtime.tokenizer import Tokenizer
+    from radixflow.runtime.text.tokenizer import Tokenizer
 
     model = transformers.LlamaForCausalLM.from_pretrained(str(model_dir)).eval()
     assert model.model.embed_tokens.weight.data_ptr() == model.lm_head.weight.data_ptr()
@@ -199,7 +199,7 @@ def _fake_converter(calls: list[int], delay: float = 0.0, fail: bool = False):
 
 
 def test_convert_cached_races_convert_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import radixflow.runtime.gguf as gguf_mod
+    import radixflow.runtime.loading.gguf as gguf_mod
 
     calls: list[int] = []
     monkeypatch.setattr(gguf_mod, "convert_gguf_to_hf", _fake_converter(calls, delay=0.2))
@@ -216,7 +216,7 @@ def test_convert_cached_races_convert_once(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_convert_cached_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import radixflow.runtime.gguf as gguf_mod
+    import radixflow.runtime.loading.gguf as gguf_mod
 
     monkeypatch.setattr(gguf_mod, "convert_gguf_to_hf", _fake_converter([], fail=True))
     target = tmp_path / "m"
@@ -226,7 +226,7 @@ def test_convert_cached_failure_leaves_nothing(tmp_path: Path, monkeypatch: pyte
 
 
 def test_convert_cached_replaces_incomplete_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import radixflow.runtime.gguf as gguf_mod
+    import radixflow.runtime.loading.gguf as gguf_mod
 
     calls: list[int] = []
     monkeypatch.setattr(gguf_mod, "convert_gguf_to_hf", _fake_converter(calls))
@@ -302,7 +302,7 @@ def _write_tiny_llama_gguf(path: Path, hf_weights: dict[str, np.ndarray], cfg: d
         "model.norm.weight": "output_norm.weight",
         "lm_head.weight": "output.weight",
     }
-    from radixflow.runtime.gguf import _LAYER_NAMES
+    from radixflow.runtime.loading.gguf import _LAYER_NAMES
 
     for name, t in hf_weights.items():
         if name in reverse:
@@ -332,7 +332,7 @@ def test_convert_round_trip_matches_transformers(tmp_path: Path, gguf_reader: GG
     computes the same logits from the converted folder as from the original model."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from radixflow.runtime.gguf import convert_gguf_to_hf, read_metadata
+    from radixflow.runtime.loading.gguf import convert_gguf_to_hf, read_metadata
 
     meta = read_metadata(gguf_reader)
     vocab = len(meta["tokenizer.ggml.tokens"])
@@ -436,7 +436,7 @@ def test_sentencepiece_vocabulary(tmp_path: Path) -> None:
     The dummy-prefix space follows sentencepiece and llama.cpp (also before text that follows a
     special token, and even when the text starts with a space), where transformers differs."""
     transformers = pytest.importorskip("transformers")
-    from radixflow.runtime.gguf import build_tokenizer, read_metadata
+    from radixflow.runtime.loading.gguf import build_tokenizer, read_metadata
 
     _write_spm_gguf(tmp_path / "spm.gguf")
     ours, config = build_tokenizer(read_metadata(tmp_path / "spm.gguf"))

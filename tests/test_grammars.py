@@ -49,7 +49,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def tok_path() -> str:
-    from radixflow.runtime.default_model import default_model_path
+    from radixflow.runtime.loading.default_model import default_model_path
 
     return os.path.join(str(default_model_path()), "tokenizer.json")
 

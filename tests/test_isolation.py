@@ -12,16 +12,16 @@ from concurrent.futures import Future
 import pytest
 import torch
 
-import radixflow.runtime.sampler as sampler_mod
-import radixflow.runtime.scheduler as scheduler_mod
-from radixflow.runtime.detokenizer import Detokenizer
-from radixflow.runtime.detokenizer_process import _handle
+import radixflow.runtime.model.sampler as sampler_mod
+import radixflow.runtime.scheduler.scheduler as scheduler_mod
 from radixflow.runtime.engine import GenerationError
-from radixflow.runtime.grammar_manager import GrammarManager
 from radixflow.runtime.io_struct import BatchOutput, InfoOut, RegisterReq, ReqOutput
+from radixflow.runtime.model.sampler import Sampler
 from radixflow.runtime.req import Req
-from radixflow.runtime.sampler import Sampler
 from radixflow.runtime.sampling_params import SamplingParams
+from radixflow.runtime.scheduler.grammar_manager import GrammarManager
+from radixflow.runtime.server.detokenizer_process import _handle
+from radixflow.runtime.text.detokenizer import Detokenizer
 
 PROMPTS = ["The capital of France is", "Once upon a time, there", "1, 2, 3, 4,", "The best way to learn is"]
 BAD = 2

@@ -10,7 +10,7 @@ import pytest
 from server_utils import API_KEY, ServerProcess, assert_error, shared_server, wait_pool_whole
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-HAS_GRAMMARS = importlib.util.find_spec("radixflow.runtime.grammar_manager") is not None
+HAS_GRAMMARS = importlib.util.find_spec("radixflow.runtime.scheduler.grammar_manager") is not None
 
 
 @pytest.fixture(scope="module")

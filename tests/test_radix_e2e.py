@@ -8,11 +8,11 @@ import pytest
 
 from radixflow.radix import RadixCache
 from radixflow.runtime.engine import Engine
-from radixflow.runtime.kv_cache import KVCacheManager
-from radixflow.runtime.memory_pool import ReqToTokenPool, TokenAllocator
+from radixflow.runtime.model.memory_pool import ReqToTokenPool, TokenAllocator
 from radixflow.runtime.req import Req
 from radixflow.runtime.sampling_params import SamplingParams
-from radixflow.runtime.schedule_policy import SchedulePolicy
+from radixflow.runtime.scheduler.kv_cache import KVCacheManager
+from radixflow.runtime.scheduler.schedule_policy import SchedulePolicy
 
 
 @pytest.fixture(scope="module")

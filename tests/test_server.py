@@ -301,7 +301,7 @@ def test_children_die_with_killed_parent():
 
 
 def test_cli_generate():
-    cmd = [sys.executable, "-m", "radixflow.runtime.cli", "generate", "What is 2+2? Answer with a number only.",
+    cmd = [sys.executable, "-m", "radixflow.runtime.server.cli", "generate", "What is 2+2? Answer with a number only.",
            "--max-new-tokens", "8", "--max-total-tokens", "256"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -12,8 +12,8 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from radixflow.runtime import default_model as dm
-from radixflow.runtime.tokenizer import DEFAULT_CHAT_TEMPLATE, IncrementalDecoder, Tokenizer
+from radixflow.runtime.loading import default_model as dm
+from radixflow.runtime.text.tokenizer import DEFAULT_CHAT_TEMPLATE, IncrementalDecoder, Tokenizer
 
 transformers = pytest.importorskip("transformers")
 

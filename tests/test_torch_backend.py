@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 
-from radixflow.runtime.attention.decode_plan import pad_buckets, shared_prefix_segments
-from radixflow.runtime.attention.torch_backend import TorchAttnBackend
-from radixflow.runtime.forward_batch import ForwardBatch, ForwardMode
-from radixflow.runtime.memory_pool import KVPool, ReqToTokenPool, TokenAllocator
+from radixflow.runtime.model.attention.decode_plan import pad_buckets, shared_prefix_segments
+from radixflow.runtime.model.attention.torch_backend import TorchAttnBackend
+from radixflow.runtime.model.forward_batch import ForwardBatch, ForwardMode
+from radixflow.runtime.model.memory_pool import KVPool, ReqToTokenPool, TokenAllocator
 
 LAYERS, HEAD_DIM = 2, 16
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}

@@ -21,9 +21,9 @@ pytest.importorskip("triton")
 
 from radixflow.kernels._utils import is_interpreted  # noqa: E402
 from radixflow.kernels.extend_attention import _extend_attention_kernel  # noqa: E402
-from radixflow.runtime.attention.triton_backend import TritonAttnBackend  # noqa: E402
-from radixflow.runtime.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
-from radixflow.runtime.memory_pool import KVPool, ReqToTokenPool, TokenAllocator  # noqa: E402
+from radixflow.runtime.model.attention.triton_backend import TritonAttnBackend  # noqa: E402
+from radixflow.runtime.model.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
+from radixflow.runtime.model.memory_pool import KVPool, ReqToTokenPool, TokenAllocator  # noqa: E402
 
 if not CUDA and not is_interpreted(_extend_attention_kernel):
     pytest.skip("radixflow.kernels was imported before TRITON_INTERPRET=1 was set (by another test "

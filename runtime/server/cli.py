@@ -19,7 +19,7 @@ import typing
 from typing import Any
 
 from radixflow.runtime.config import EngineConfig
-from radixflow.runtime.server import ServerArgs
+from radixflow.runtime.server.serve import ServerArgs
 
 _HELP = {
     "max_total_tokens": "KV pool size in tokens (default: a share of free memory)",
@@ -141,7 +141,7 @@ def _api_key(ns: argparse.Namespace) -> str | None:
 
 def launch(args: ServerArgs) -> int:
     """Run the server until it is stopped; returns its exit code."""
-    from radixflow.runtime.server import launch_server
+    from radixflow.runtime.server.serve import launch_server
 
     return launch_server(args)
 

@@ -17,7 +17,7 @@ from typing import Any
 import zmq
 
 from radixflow.runtime.io_struct import BatchOutput, RegisterReq
-from radixflow.runtime.launch import bind_pull, parent_alive, prepare_child
+from radixflow.runtime.server.launch import bind_pull, parent_alive, prepare_child
 
 logger = logging.getLogger("radixflow.detokenizer")
 
@@ -27,8 +27,8 @@ def run_detokenizer_process(tokenizer_path: str, in_addr: str, out_addr: str, lo
     """Process entry point: serve until the parent dies or SIGTERM."""
     prepare_child(parent_pid, log_level)
     try:
-        from radixflow.runtime.detokenizer import Detokenizer
-        from radixflow.runtime.tokenizer import Tokenizer
+        from radixflow.runtime.text.detokenizer import Detokenizer
+        from radixflow.runtime.text.tokenizer import Tokenizer
 
         detok = Detokenizer(Tokenizer.from_pretrained(tokenizer_path))
         ctx = zmq.Context()

@@ -21,11 +21,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from radixflow.runtime.tokenizer_manager import APIError, Submission, TokenizerManager, bad_request
+from radixflow.runtime.server.tokenizer_manager import APIError, Submission, TokenizerManager, bad_request
 from radixflow.runtime.validation import check_json_nesting, check_strings
 
 if TYPE_CHECKING:
-    from radixflow.runtime.server import ServerArgs
+    from radixflow.runtime.server.serve import ServerArgs
 
 logger = logging.getLogger(__name__)
 
@@ -324,7 +324,7 @@ def _origin_key(origin: str) -> tuple[str, str, int] | None:
 
 def build_app(tm: TokenizerManager, args: ServerArgs, model_name: str) -> FastAPI:
     """The whole HTTP surface of one server."""
-    from radixflow.runtime.openai_api import openai_router
+    from radixflow.runtime.server.openai_api import openai_router
 
     app = FastAPI(title="radixflow", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_Guard, args=args)

@@ -6,8 +6,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from radixflow.runtime.forward_batch import ForwardBatch, ForwardMode
-from radixflow.runtime.memory_pool import KVPool, ReqToTokenPool
+from radixflow.runtime.model.forward_batch import ForwardBatch, ForwardMode
+from radixflow.runtime.model.memory_pool import KVPool, ReqToTokenPool
 
 
 class AttentionBackend(ABC):

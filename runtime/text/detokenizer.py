@@ -10,7 +10,7 @@ from typing import Any
 
 from radixflow.runtime.io_struct import ReqOutput
 from radixflow.runtime.request_faults import internal_abort
-from radixflow.runtime.tokenizer import IncrementalDecoder, Tokenizer
+from radixflow.runtime.text.tokenizer import IncrementalDecoder, Tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from radixflow.runtime.io_struct import (
     ReqOutput,
     TokenizedGenerateReq,
 )
-from radixflow.runtime.launch import bind_pull, parent_alive, prepare_child
+from radixflow.runtime.server.launch import bind_pull, parent_alive, prepare_child
 
 logger = logging.getLogger("radixflow.scheduler")
 
@@ -77,8 +77,8 @@ def run_scheduler_process(config: EngineConfig, model_path: str, in_addr: str, o
     model path) and serve until the parent dies or SIGTERM."""
     prepare_child(parent_pid, log_level)
     try:
-        from radixflow.runtime.scheduler import Scheduler
-        from radixflow.runtime.tokenizer import Tokenizer
+        from radixflow.runtime.scheduler.scheduler import Scheduler
+        from radixflow.runtime.text.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_pretrained(config.tokenizer or model_path)
         sched = Scheduler(config, model_path, tokenizer)

@@ -36,16 +36,16 @@ from radixflow.runtime.io_struct import (
     RegisterReq,
     TokenizedGenerateReq,
 )
-from radixflow.runtime.launch import bind_pull
-from radixflow.runtime.metrics import ServerMetrics
 from radixflow.runtime.sampling_params import SamplingParams, copy_seed
-from radixflow.runtime.tokenizer import Tokenizer
+from radixflow.runtime.server.launch import bind_pull
+from radixflow.runtime.server.metrics import ServerMetrics
+from radixflow.runtime.text.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from radixflow.runtime.launch import IpcAddresses
-    from radixflow.runtime.server import ServerArgs
+    from radixflow.runtime.server.launch import IpcAddresses
+    from radixflow.runtime.server.serve import ServerArgs
 
 logger = logging.getLogger(__name__)
 

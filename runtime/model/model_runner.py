@@ -11,13 +11,13 @@ import torch
 from safetensors import safe_open
 
 from radixflow.kernels import cpu_ext
-from radixflow.runtime import cpu_gemm
-from radixflow.runtime.attention.base import AttentionBackend
 from radixflow.runtime.config import EngineConfig
-from radixflow.runtime.forward_batch import ForwardBatch
-from radixflow.runtime.memory_pool import KVPool, ReqToTokenPool, TokenAllocator
-from radixflow.runtime.model_config import ModelConfig
-from radixflow.runtime.models.llama import LlamaForCausalLM, RotaryEmbedding
+from radixflow.runtime.model import cpu_gemm
+from radixflow.runtime.model.attention.base import AttentionBackend
+from radixflow.runtime.model.forward_batch import ForwardBatch
+from radixflow.runtime.model.llama import LlamaForCausalLM, RotaryEmbedding
+from radixflow.runtime.model.memory_pool import KVPool, ReqToTokenPool, TokenAllocator
+from radixflow.runtime.model.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -109,13 +109,13 @@ class ModelRunner:
 
     def _make_backend(self, name: str) -> AttentionBackend:
         if name == "torch":
-            from radixflow.runtime.attention.torch_backend import TorchAttnBackend
+            from radixflow.runtime.model.attention.torch_backend import TorchAttnBackend
             # OpenBLAS's threads spin after each matmul; the attention kernel's pool worker would
             # fight them for a core (70 ms per token at batch 1), so it runs on the caller alone.
             threads = 1 if self.gemm_backend == "openblas" else None
             return TorchAttnBackend(self.kv_pool, self.req_to_token_pool, kernel_threads=threads)
         if name == "triton":
-            from radixflow.runtime.attention.triton_backend import TritonAttnBackend
+            from radixflow.runtime.model.attention.triton_backend import TritonAttnBackend
             return TritonAttnBackend(self.kv_pool, self.req_to_token_pool)
         raise ValueError(f"unknown attention backend {name!r}")
 

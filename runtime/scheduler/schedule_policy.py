@@ -6,8 +6,8 @@ from collections import defaultdict
 
 from radixflow.radix import RadixCache
 from radixflow.radix.base import MatchResult, TreeNode
-from radixflow.runtime.kv_cache import KVCacheManager
 from radixflow.runtime.req import Req
+from radixflow.runtime.scheduler.kv_cache import KVCacheManager
 
 # Beyond this many waiting requests, prefix-aware ordering costs more than it saves (as SGLang).
 _LPM_MAX_QUEUE = 128

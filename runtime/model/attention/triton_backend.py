@@ -9,8 +9,8 @@ import torch
 from radixflow.kernels.decode_attention import decode_attention, default_num_kv_splits
 from radixflow.kernels.extend_attention import extend_attention
 from radixflow.kernels.store_kv import store_kv
-from radixflow.runtime.attention.base import AttentionBackend
-from radixflow.runtime.forward_batch import ForwardBatch, ForwardMode
+from radixflow.runtime.model.attention.base import AttentionBackend
+from radixflow.runtime.model.forward_batch import ForwardBatch, ForwardMode
 
 
 @dataclass

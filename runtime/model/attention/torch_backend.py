@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from radixflow.runtime.attention.base import AttentionBackend
-from radixflow.runtime.attention.decode_plan import CALL_COST_ROWS, pad_buckets, shared_prefix_segments
-from radixflow.runtime.forward_batch import ForwardBatch, ForwardMode
+from radixflow.runtime.model.attention.base import AttentionBackend
+from radixflow.runtime.model.attention.decode_plan import CALL_COST_ROWS, pad_buckets, shared_prefix_segments
+from radixflow.runtime.model.forward_batch import ForwardBatch, ForwardMode
 
 # Extends up to this many tokens (radix-cache hits, agent branches) go to the CPU kernel, one query
 # per token; longer prompts to SDPA, whose per-call cost is then small next to the work.

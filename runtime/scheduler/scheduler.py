@@ -11,16 +11,16 @@ import logging
 import torch
 
 from radixflow.runtime.config import EngineConfig
-from radixflow.runtime.forward_batch import ForwardBatch, ForwardMode
 from radixflow.runtime.io_struct import ReqOutput, TokenizedGenerateReq
-from radixflow.runtime.kv_cache import KVCacheManager
-from radixflow.runtime.model_runner import ModelRunner
+from radixflow.runtime.model.forward_batch import ForwardBatch, ForwardMode
+from radixflow.runtime.model.model_runner import ModelRunner
+from radixflow.runtime.model.sampler import Sampler, top_logprobs_rows
 from radixflow.runtime.req import Req, ReqStatus
 from radixflow.runtime.request_faults import internal_error
-from radixflow.runtime.sampler import Sampler, top_logprobs_rows
-from radixflow.runtime.schedule_policy import InBatchPrefixTracker, SchedulePolicy
-from radixflow.runtime.stop_checker import check_finished
-from radixflow.runtime.tokenizer import Tokenizer
+from radixflow.runtime.scheduler.kv_cache import KVCacheManager
+from radixflow.runtime.scheduler.schedule_policy import InBatchPrefixTracker, SchedulePolicy
+from radixflow.runtime.text.stop_checker import check_finished
+from radixflow.runtime.text.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -471,11 +471,11 @@ class Scheduler:
                                      completion_tokens=0, cached_tokens=0,
                                      finish_reason={"type": "abort", "message": message}))
 
-    # ---- grammars (wired in by radixflow.runtime.grammar_manager) ----------------------------
+    # ---- grammars (wired in by radixflow.runtime.scheduler.grammar_manager) ----------------------------
 
     def _grammars(self):
         if self.grammar is None:
-            from radixflow.runtime.grammar_manager import GrammarManager
+            from radixflow.runtime.scheduler.grammar_manager import GrammarManager
             self.grammar = GrammarManager(self.config, self.runner.model_path, self.runner.vocab_size,
                                           sorted(self.eos_ids), self.tokenizer)
         return self.grammar

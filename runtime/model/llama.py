@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from radixflow.kernels import cpu_ext
-from radixflow.runtime.attention.base import AttentionBackend
-from radixflow.runtime.cpu_gemm import numpy_view_t, openblas_linear
-from radixflow.runtime.forward_batch import ForwardBatch
-from radixflow.runtime.model_config import ModelConfig
+from radixflow.runtime.model.attention.base import AttentionBackend
+from radixflow.runtime.model.cpu_gemm import numpy_view_t, openblas_linear
+from radixflow.runtime.model.forward_batch import ForwardBatch
+from radixflow.runtime.model.model_config import ModelConfig
 
 
 class Linear(nn.Linear):

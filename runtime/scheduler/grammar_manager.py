@@ -16,10 +16,10 @@ from radixflow.grammars.xgrammar_backend import XGrammarBackend, validate_gramma
 from radixflow.runtime.config import EngineConfig
 from radixflow.runtime.req import Req, ReqStatus
 from radixflow.runtime.request_faults import internal_abort
-from radixflow.runtime.tokenizer import Tokenizer
+from radixflow.runtime.text.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from radixflow.runtime.scheduler import Scheduler
+    from radixflow.runtime.scheduler.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from radixflow.radix import NoPrefixCache, PrefixCache, RadixCache
-from radixflow.runtime.memory_pool import ReqToTokenPool, TokenAllocator
+from radixflow.runtime.model.memory_pool import ReqToTokenPool, TokenAllocator
 from radixflow.runtime.req import Req
 
 

@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 from radixflow.runtime.config import EngineConfig
-from radixflow.runtime.launch import ChildProcesses, IpcAddresses, abstract_ipc_supported
+from radixflow.runtime.server.launch import ChildProcesses, IpcAddresses, abstract_ipc_supported
 
 logger = logging.getLogger("radixflow.server")
 
@@ -92,10 +92,10 @@ class _Interrupted(Exception):
 def launch_server(args: ServerArgs) -> int:
     """Serve until stopped; returns the process exit code. Prints exactly one line to stdout,
     `radixflow server ready on http://HOST:PORT`, once requests can be served."""
-    from radixflow.runtime.default_model import resolve_model_path
-    from radixflow.runtime.detokenizer_process import run_detokenizer_process
-    from radixflow.runtime.scheduler_process import run_scheduler_process
-    from radixflow.runtime.tokenizer import Tokenizer
+    from radixflow.runtime.loading.default_model import resolve_model_path
+    from radixflow.runtime.server.detokenizer_process import run_detokenizer_process
+    from radixflow.runtime.server.scheduler_process import run_scheduler_process
+    from radixflow.runtime.text.tokenizer import Tokenizer
 
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(processName)s %(levelname)s %(message)s")
@@ -165,8 +165,8 @@ async def _serve(args: ServerArgs, model_path: str, tokenizer, addrs: IpcAddress
                  children: ChildProcesses, sock: socket.socket, signals: list[int]) -> int:
     import uvicorn
 
-    from radixflow.runtime.http_server import build_app
-    from radixflow.runtime.tokenizer_manager import TokenizerManager
+    from radixflow.runtime.server.app import build_app
+    from radixflow.runtime.server.tokenizer_manager import TokenizerManager
 
     tm = TokenizerManager(args, model_path, tokenizer, addrs, sched_info)
     tm.start()

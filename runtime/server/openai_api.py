@@ -18,7 +18,7 @@ import jinja2
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from radixflow.runtime.http_server import (
+from radixflow.runtime.server.app import (
     SSE_DONE,
     abort_on_disconnect,
     finite,
@@ -26,10 +26,10 @@ from radixflow.runtime.http_server import (
     sse,
     stream_preflight,
 )
-from radixflow.runtime.tokenizer_manager import APIError, Submission, TokenizerManager, bad_request
+from radixflow.runtime.server.tokenizer_manager import APIError, Submission, TokenizerManager, bad_request
 
 if TYPE_CHECKING:
-    from radixflow.runtime.server import ServerArgs
+    from radixflow.runtime.server.serve import ServerArgs
 
 # OpenAI name -> SamplingParams name, for fields passed through as they are.
 _PASS_THROUGH = {"temperature": "temperature", "top_p": "top_p", "n": "n", "stop": "stop", "seed": "seed",

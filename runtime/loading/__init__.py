@@ -1,0 +1,1 @@
+"""Loading weights: GGUF conversion and the default model's cache."""

@@ -1,0 +1,1 @@
+"""Scheduling: admission, batching, retraction, the KV cache bookkeeping and grammars of running requests."""

@@ -1,0 +1,1 @@
+"""Text: the tokenizer (with chat templates), incremental detokenizing, stop conditions."""
