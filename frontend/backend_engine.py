@@ -1,4 +1,5 @@
-"""`rf.Engine`: the in-process backend, wrapping `radixflow.runtime.engine.Engine`.
+"""`EngineBackend` (exported as `rf.Engine`): the DSL's in-process backend, wrapping
+`radixflow.runtime.engine.Engine`.
 
 The runtime is imported on construction, so `import radixflow` stays light for HTTP-only users.
 Everything the runtime engine offers (tokenizer, get_server_info, check_invariant, ...) is
@@ -22,9 +23,10 @@ def _translate(e: Exception) -> BackendError:
     return BackendError(str(e))
 
 
-class Engine(Backend):
-    """In-process engine. `Engine(model=None, **opts)`: opts are EngineConfig fields
-    (max_total_tokens, max_running_requests, disable_radix_cache, ...); model None = default model."""
+class EngineBackend(Backend):
+    """In-process engine. `EngineBackend(model=None, **opts)`, i.e. `rf.Engine(...)`: opts are
+    EngineConfig fields (max_total_tokens, max_running_requests, disable_radix_cache, ...); model
+    None = default model."""
 
     def __init__(self, model: str | None = None, **opts: Any) -> None:
         from radixflow.runtime.engine import Engine as RuntimeEngine
@@ -35,7 +37,7 @@ class Engine(Backend):
         self._template: ChatTemplate | None = None
 
     @classmethod
-    def from_runtime(cls, engine: Any) -> Engine:
+    def from_runtime(cls, engine: Any) -> EngineBackend:
         """Wrap an already running `radixflow.runtime.engine.Engine` (no second model load). The
         wrapper's shutdown() shuts that engine down too."""
         from radixflow.runtime.engine import GenerationError
@@ -123,7 +125,7 @@ class Engine(Backend):
     def shutdown(self) -> None:
         self.engine.shutdown()
 
-    def __enter__(self) -> Engine:
+    def __enter__(self) -> EngineBackend:
         return self
 
     def __exit__(self, *exc: Any) -> None:

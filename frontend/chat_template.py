@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from radixflow.runtime.text.chat_template import compile_chat_template
 
 Messages = Sequence[dict[str, Any]]
 _SENTINEL = "\x00radixflow-role-content\x00"
@@ -65,17 +65,6 @@ BUILTIN_TEMPLATES: dict[str, tuple[str, dict[str, str], tuple[str, ...]]] = {
 }
 
 
-@lru_cache(maxsize=32)
-def _compile(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.exceptions.TemplateError(message)
-
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(source)
-
-
 @dataclass(frozen=True)
 class ChatTemplate:
     """How a model formats a conversation: `render(messages, add_generation_prompt) -> str` and the
@@ -88,8 +77,9 @@ class ChatTemplate:
     @classmethod
     def from_source(cls, source: str, special_tokens: dict[str, str] | None = None,
                     stop_strings: Sequence[str] = (), name: str = "custom") -> ChatTemplate:
-        """A template from jinja source (Hugging Face `chat_template` conventions)."""
-        template = _compile(source)
+        """A template from jinja source, compiled in the tokenizer's environment (Hugging Face
+        `chat_template` conventions: `tojson`, `raise_exception`, `strftime_now`, `{% generation %}`)."""
+        template = compile_chat_template(source)
         tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
 
         def render(messages: Messages, add_generation_prompt: bool) -> str:

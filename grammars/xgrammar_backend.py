@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import urllib.parse
 from typing import Any
 
 import torch
@@ -76,7 +77,8 @@ def _check_refs(node: Any, root: dict[str, Any]) -> None:
             raise GrammarError(f"json_schema $ref {ref!r} is not supported: only references within the schema "
                                "('#' or '#/...') are resolved; remote references are not fetched")
         target: Any = root
-        for part in ref[2:].split("/") if ref != "#" else []:
+        pointer = urllib.parse.unquote(ref[1:])  # a URI fragment is percent-encoded (RFC 6901, section 6)
+        for part in pointer[1:].split("/") if pointer else []:
             key = part.replace("~1", "/").replace("~0", "~")
             if isinstance(target, dict) and key in target:
                 target = target[key]
@@ -98,12 +100,14 @@ _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "depe
 def _json_schema_grammar(spec: str, any_whitespace: bool) -> xgr.Grammar:
     try:
         schema = json.loads(spec)
+        if not isinstance(schema, dict):
+            raise GrammarError(f"json_schema must be a JSON object, got {type(schema).__name__}")
+        _check_schema_patterns(schema)
+        _check_refs(schema, schema)
     except json.JSONDecodeError as e:
         raise GrammarError(f"json_schema is not valid JSON: {e}") from None
-    if not isinstance(schema, dict):
-        raise GrammarError(f"json_schema must be a JSON object, got {type(schema).__name__}")
-    _check_schema_patterns(schema)
-    _check_refs(schema, schema)
+    except RecursionError:  # json.loads and the checks recurse once per level
+        raise GrammarError("json_schema nests too deeply") from None
     core = {k: v for k, v in schema.items() if k not in _ANNOTATION_KEYS}
     if core in ({}, {"type": "object"}):
         spec = '{"type": "object"}'  # any JSON object (json_object mode)

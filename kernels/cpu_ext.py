@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from radixflow.paths import cache_dir
+
 logger = logging.getLogger(__name__)
 
 _SRCS = [Path(__file__).with_name(n) for n in ("cpu_decode_attention.c", "cpu_rmsnorm.c", "cpu_gemm.c",
@@ -78,8 +80,6 @@ def _load() -> ctypes.CDLL | None:
         _tried = True
         if os.environ.get("RADIXFLOW_DISABLE_CPU_EXT") == "1":
             return None
-        from radixflow.runtime.loading.default_model import cache_dir
-
         sources = b"".join(src.read_bytes() for src in (*_SRCS, *_HEADERS))
         digest = hashlib.sha256(sources + _cpu_key().encode() + _FLAGS_VERSION).hexdigest()[:16]
         path = cache_dir() / "ext" / f"cpu_kernels-{digest}.so"

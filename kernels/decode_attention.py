@@ -115,6 +115,37 @@ def default_num_kv_splits(batch_size: int, kv_heads: int, device: torch.device) 
     return max(1, min(16, triton.cdiv(2 * sms, max(1, batch_size * kv_heads))))
 
 
+def _check_inputs(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor,
+                  req_pool_indices: torch.Tensor, seq_lens: torch.Tensor) -> int:
+    """Assert decode_attention's shape, stride and dtype contract; returns the kv head count."""
+    B, Hq, D = q.shape  # (batch, q heads, head_dim)
+    num_slots_1, Hkv, _ = k_buffer.shape  # (num_slots + 1, kv heads, head_dim)
+    assert k_buffer.shape == v_buffer.shape == (num_slots_1, Hkv, D), (k_buffer.shape, v_buffer.shape)
+    assert Hq % Hkv == 0, f"q heads {Hq} not a multiple of kv heads {Hkv}"
+    assert q.stride(2) == 1 and k_buffer.stride(2) == 1 and v_buffer.stride(2) == 1
+    assert k_buffer.dtype == v_buffer.dtype
+    assert req_to_token.dim() == 2 and req_to_token.dtype == torch.int32 and req_to_token.stride(1) == 1
+    assert req_pool_indices.shape == seq_lens.shape == (B,)
+    assert not req_pool_indices.is_floating_point() and not seq_lens.is_floating_point()
+    return Hkv
+
+
+def _split_workspace(q: torch.Tensor, S: int, workspace: tuple[torch.Tensor, torch.Tensor] | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mid_o float32 (B, Hq, S, D), mid_lse float32 (B, Hq, S)): the first B rows of
+    `workspace`, or new tensors when it is None."""
+    B, Hq, D = q.shape
+    if workspace is None:
+        mid_o = torch.empty((B, Hq, S, D), dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
+    else:
+        mid_o, mid_lse = workspace
+        mid_o, mid_lse = mid_o[:B], mid_lse[:B]
+    assert mid_o.shape == (B, Hq, S, D) and mid_o.dtype == torch.float32 and mid_o.stride(3) == 1
+    assert mid_lse.shape == (B, Hq, S) and mid_lse.dtype == torch.float32 and mid_lse.stride(2) == 1
+    return mid_o, mid_lse
+
+
 def decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
                      req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, num_kv_splits: int | None = None,
@@ -132,14 +163,7 @@ def decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
     under CUDA graphs). Matches `decode_attention_ref` up to float32 reordering.
     """
     B, Hq, D = q.shape  # (batch, q heads, head_dim)
-    num_slots_1, Hkv, _ = k_buffer.shape  # (num_slots + 1, kv heads, head_dim)
-    assert k_buffer.shape == v_buffer.shape == (num_slots_1, Hkv, D), (k_buffer.shape, v_buffer.shape)
-    assert Hq % Hkv == 0, f"q heads {Hq} not a multiple of kv heads {Hkv}"
-    assert q.stride(2) == 1 and k_buffer.stride(2) == 1 and v_buffer.stride(2) == 1
-    assert k_buffer.dtype == v_buffer.dtype
-    assert req_to_token.dim() == 2 and req_to_token.dtype == torch.int32 and req_to_token.stride(1) == 1
-    assert req_pool_indices.shape == seq_lens.shape == (B,)
-    assert not req_pool_indices.is_floating_point() and not seq_lens.is_floating_point()
+    Hkv = _check_inputs(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens)
     if num_kv_splits is None:
         num_kv_splits = default_num_kv_splits(B, Hkv, q.device)
     S = num_kv_splits
@@ -147,14 +171,7 @@ def decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
     if out is None:
         out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
     assert out.shape == (B, Hq, D) and out.stride(2) == 1
-    if workspace is None:
-        mid_o = torch.empty((B, Hq, S, D), dtype=torch.float32, device=q.device)
-        mid_lse = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
-    else:
-        mid_o, mid_lse = workspace
-        mid_o, mid_lse = mid_o[:B], mid_lse[:B]
-    assert mid_o.shape == (B, Hq, S, D) and mid_o.dtype == torch.float32 and mid_o.stride(3) == 1
-    assert mid_lse.shape == (B, Hq, S) and mid_lse.dtype == torch.float32 and mid_lse.stride(2) == 1
+    mid_o, mid_lse = _split_workspace(q, S, workspace)
     interpreted = check_launch(_decode_stage1_kernel, q, k_buffer, v_buffer, req_to_token,
                           req_pool_indices, seq_lens, out, mid_o, mid_lse)
     if B == 0:

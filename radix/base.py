@@ -92,6 +92,12 @@ class PrefixCache(ABC):
         self._hit_tokens = 0
         self._evicted_tokens = 0
 
+    @property
+    @abstractmethod
+    def shares_prefixes(self) -> bool:
+        """Whether what one request inserts can be matched by another (False for a cache that
+        stores nothing; then a request keeps its own slots until it ends)."""
+
     @abstractmethod
     def match_prefix(self, key: Sequence[int]) -> MatchResult:
         """Longest cached prefix of ``key``. Splits a node when the match ends inside it, so

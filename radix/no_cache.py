@@ -28,6 +28,10 @@ class NoPrefixCache(PrefixCache):
         self._free_fn = free_fn
         self.root = TreeNode(0, [], empty_slots(), None)
 
+    @property
+    def shares_prefixes(self) -> bool:
+        return False
+
     def match_prefix(self, key: Sequence[int]) -> MatchResult:
         return MatchResult(slots=empty_slots(), node=self.root)
 

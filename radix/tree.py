@@ -114,6 +114,10 @@ class RadixCache(PrefixCache):
 
     # -- the contract ----------------------------------------------------------------------
 
+    @property
+    def shares_prefixes(self) -> bool:
+        return True
+
     def match_prefix(self, key: Sequence[int]) -> MatchResult:
         key = _as_key(key)
         tick = self._tick()

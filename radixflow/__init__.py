@@ -1,8 +1,8 @@
 """radixflow: a serving engine for agent programs.
 
 `import radixflow as rf` gives the DSL (`rf.function`, `rf.gen`, `rf.select`, roles, ...) and its
-backends: `rf.Engine` (in-process; the runtime engine is loaded on construction) and
-`rf.RuntimeEndpoint` (HTTP).
+backends: `rf.Engine` (in-process: `frontend.backend_engine.EngineBackend`, which wraps
+`radixflow.runtime.engine.Engine`, loaded on construction) and `rf.RuntimeEndpoint` (HTTP).
 """
 
 import os as _os

@@ -1,28 +1,30 @@
 """The offline Engine: the scheduler on a background thread, driven by direct calls.
 
 `generate` may be called from many threads at once (the DSL's run_batch does): their
-requests are batched together by the scheduler, iteration by iteration."""
+requests are batched together by the scheduler, iteration by iteration. Callers talk to the
+scheduler thread through its inbox (the messages of runtime/burst.py), whose `BurstCollector`
+decides when the thread stops reading and steps."""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import queue
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
+from radixflow.runtime.burst import Abort, AddRequest, BurstCollector, Call, Expect, Sink, Stop
 from radixflow.runtime.config import EngineConfig
+from radixflow.runtime.intake import GenerateOptions, abort_result, check_prompt, fan_out
 from radixflow.runtime.io_struct import ReqOutput, TokenizedGenerateReq
-from radixflow.runtime.sampling_params import SamplingParams, copy_seed
+from radixflow.runtime.sampling_params import SamplingParams
 from radixflow.runtime.scheduler.scheduler import Scheduler
 from radixflow.runtime.text.detokenizer import Detokenizer
 from radixflow.runtime.text.tokenizer import Tokenizer
-from radixflow.runtime.validation import check_strings, check_text
+from radixflow.runtime.validation import check_strings, check_text, check_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +33,7 @@ class GenerationError(RuntimeError):
     """A request was refused or failed inside the engine; the message says why."""
 
 
-_DONE = object()
-
+_DONE = object()  # a Sink's last item
 
 class Engine:
     """In-process engine. `Engine(model=None, **opts)`: opts are EngineConfig fields."""
@@ -43,15 +44,16 @@ class Engine:
         self.config = EngineConfig.from_kwargs(model=model, **opts)
         self.model_path = resolve_model_path(model)
         self.tokenizer = Tokenizer.from_pretrained(self.config.tokenizer or self.model_path)
-        self.scheduler = Scheduler(self.config, self.model_path, self.tokenizer)
+        self.scheduler = Scheduler.from_model_path(self.config, self.model_path, self.tokenizer)
         self.detokenizer = Detokenizer(self.tokenizer)
+        info = self.scheduler.get_info()  # before the scheduler thread starts
+        self._limits = {"vocab_size": self.scheduler.runner.vocab_size,
+                        "context_length": info["context_length"], "pool_size": info["pool_size"]}
         self._inbox: queue.Queue = queue.Queue()
-        self._sinks: dict[str, Callable[[dict | object], None]] = {}
-        self._counter = itertools.count()
+        self._burst = BurstCollector(self._inbox, self.config.arrival_gap_ms)
+        self._sinks: dict[str, Sink] = {}
         self._closed = False
         self._failure = "the engine has been shut down"
-        self.arrival_gap_ms = self.config.arrival_gap_ms  # see EngineConfig; may be changed at any time
-        self._expected = [0, 0.0]  # (requests still expected, deadline): see expect_requests
         self._thread = threading.Thread(target=self._loop, name="radixflow-scheduler", daemon=True)
         self._thread.start()
 
@@ -60,6 +62,15 @@ class Engine:
     @property
     def context_length(self) -> int:
         return self.scheduler.context_length
+
+    @property
+    def arrival_gap_ms(self) -> float:
+        """See EngineConfig.arrival_gap_ms; may be changed at any time (read as a burst begins)."""
+        return self._burst.arrival_gap_ms
+
+    @arrival_gap_ms.setter
+    def arrival_gap_ms(self, value: float) -> None:
+        self._burst.arrival_gap_ms = value
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
@@ -76,14 +87,14 @@ class Engine:
         cached_tokens, e2e_latency, finish_reason, [logprobs]}}. With stream=True (one prompt,
         n=1) returns an iterator of cumulative results. Raises ValueError for bad input and
         GenerationError when the engine refuses or aborts a request."""
-        reqs, single = self._make_reqs(prompt, sampling_params, input_ids, return_logprob,
-                                       logprob_start_len, top_logprobs_num, return_text_in_logprobs,
-                                       stream, rid)
+        options = GenerateOptions(return_logprob, logprob_start_len, top_logprobs_num,
+                                  return_text_in_logprobs, stream)
+        reqs, single = self._make_reqs(prompt, input_ids, sampling_params, options, rid)
         if stream:
             if len(reqs) != 1:
                 raise ValueError("stream=True takes a single prompt with n=1")
-            return self._stream(reqs[0])
-        return self._collect(reqs, single).result()
+            return self._stream(reqs[0], return_text_in_logprobs)
+        return self._collect(reqs, single, return_text_in_logprobs).result()
 
     def submit(self, prompt: str | list[str] | None = None,
                sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None, **kwargs: Any) -> Future:
@@ -91,14 +102,9 @@ class Engine:
         raises what it would raise). Requests are scheduled in the order they were submitted."""
         if kwargs.pop("stream", False):
             raise ValueError("submit and async_generate do not stream: use generate(stream=True) or async_stream")
-        reqs, single = self._make_reqs(prompt, sampling_params, kwargs.pop("input_ids", None),
-                                       kwargs.pop("return_logprob", False), kwargs.pop("logprob_start_len", -1),
-                                       kwargs.pop("top_logprobs_num", 0),
-                                       kwargs.pop("return_text_in_logprobs", False), False,
-                                       kwargs.pop("rid", None))
-        if kwargs:
-            raise TypeError(f"unexpected argument(s): {sorted(kwargs)}")
-        return self._collect(reqs, single)
+        input_ids, rid, options = _pop_request_args(kwargs, stream=False)
+        reqs, single = self._make_reqs(prompt, input_ids, sampling_params, options, rid)
+        return self._collect(reqs, single, options.return_text_in_logprobs)
 
     async def async_generate(self, prompt: str | list[str] | None = None,
                              sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
@@ -109,13 +115,13 @@ class Engine:
     async def async_stream(self, prompt: str | None = None, sampling_params: dict[str, Any] | None = None,
                            **kwargs: Any) -> AsyncIterator[dict]:
         """Async iterator of cumulative results for one prompt."""
-        reqs, _ = self._make_reqs(prompt, sampling_params, kwargs.pop("input_ids", None),
-                                  kwargs.pop("return_logprob", False), kwargs.pop("logprob_start_len", -1),
-                                  kwargs.pop("top_logprobs_num", 0), kwargs.pop("return_text_in_logprobs", False),
-                                  True, kwargs.pop("rid", None))
+        kwargs.pop("stream", None)
+        input_ids, rid, options = _pop_request_args(kwargs, stream=True)
+        reqs, _ = self._make_reqs(prompt, input_ids, sampling_params, options, rid)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        self._submit(reqs[0], lambda item: loop.call_soon_threadsafe(q.put_nowait, item))
+        sink = lambda item: loop.call_soon_threadsafe(q.put_nowait, item)
+        self._submit(reqs[0], options.return_text_in_logprobs, sink)
         try:
             while True:
                 item = await q.get()
@@ -124,7 +130,7 @@ class Engine:
                 _raise_if_error(item)
                 yield item
         finally:
-            self.abort(reqs[0][0].rid)
+            self.abort(reqs[0].rid)
 
     def expect_requests(self, n: int, within_s: float = 0.5) -> None:
         """Hint that about `n` requests are coming within `within_s` seconds (a DSL run_batch
@@ -134,10 +140,10 @@ class Engine:
         splits the batch. Never delays a step while requests are running; 0 turns it off."""
         if n < 0 or within_s < 0:
             raise ValueError(f"expect_requests needs n >= 0 and within_s >= 0, got {n}, {within_s}")
-        self._inbox.put(("expect", n, time.monotonic() + within_s))
+        self._inbox.put(Expect(n, time.monotonic() + within_s))
 
     def abort(self, rid: str) -> None:
-        self._inbox.put(("abort", rid))
+        self._inbox.put(Abort(rid))
 
     def flush_cache(self) -> tuple[bool, str]:
         """Drop the prefix cache; refused (False, reason) while requests run."""
@@ -154,7 +160,7 @@ class Engine:
         if self._closed:
             return
         self._closed = True
-        self._inbox.put(("stop",))
+        self._inbox.put(Stop())
         self._thread.join(timeout=30)
 
     def __enter__(self) -> Engine:
@@ -165,10 +171,31 @@ class Engine:
 
     # ---- request building -----------------------------------------------------------------
 
-    def _make_reqs(self, prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
-                   top_logprobs_num, return_text_in_logprobs, stream, rid):
+    def _make_reqs(self, prompt: str | list[str] | None, input_ids: list[int] | list[list[int]] | None,
+                   sampling_params: dict[str, Any] | list[dict[str, Any]] | None, options: GenerateOptions,
+                   rid: str | list[str] | None) -> tuple[list[TokenizedGenerateReq], bool]:
+        """The requests of one call (n per prompt, in order), all checked, and whether it named a
+        single prompt. Raises ValueError naming the field on bad input."""
         if self._closed:
             raise RuntimeError(self._failure)
+        texts, ids_list, single = self._prompt_ids(prompt, input_ids)
+        options.validate(self._limits["vocab_size"])
+        sp = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(ids_list)
+        if len(sp) != len(ids_list):
+            raise ValueError(f"{len(sp)} sampling_params for {len(ids_list)} prompts")
+        rids = rid if isinstance(rid, list) else [rid] * len(ids_list)
+        out: list[TokenizedGenerateReq] = []
+        for text, ids, spd, r in zip(texts, ids_list, sp, rids):
+            check_strings(spd, "sampling_params")
+            params = SamplingParams.from_dict(spd)
+            params.validate(self._limits["vocab_size"])
+            check_prompt(ids, params.max_new_tokens, **self._limits)
+            out += fan_out(r, params, ids, input_text=text, options=options)
+        return out, single
+
+    def _prompt_ids(self, prompt: str | list[str] | None, input_ids: list[int] | list[list[int]] | None,
+                    ) -> tuple[list[str | None], list[list[int]], bool]:
+        """(texts, token ids, single) of the prompt(s): exactly one of text and ids is given."""
         if (prompt is None) == (input_ids is None):
             raise ValueError("give exactly one of prompt (text) and input_ids")
         if prompt is not None:
@@ -180,38 +207,23 @@ class Engine:
                 check_text(t, "prompt")
             ids_list = [self.tokenizer.encode_prompt(t) for t in texts]
         else:
-            single = bool(input_ids) and isinstance(input_ids[0], int) or input_ids == []
+            if not isinstance(input_ids, (list, tuple)):
+                raise ValueError("input_ids must be a list of token ids or a list of such lists")
+            single = not input_ids or not isinstance(input_ids[0], (list, tuple))
+            for ids in [input_ids] if single else input_ids:
+                check_token_ids(ids, "input_ids")
             ids_list = [list(input_ids)] if single else [list(x) for x in input_ids]
             texts = [None] * len(ids_list)
         if not ids_list:
             raise ValueError("no prompts given")
-        sp = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(ids_list)
-        if len(sp) != len(ids_list):
-            raise ValueError(f"{len(sp)} sampling_params for {len(ids_list)} prompts")
-        rids = rid if isinstance(rid, list) else [rid] * len(ids_list)
-        out = []
-        for text, ids, spd, r in zip(texts, ids_list, sp, rids):
-            check_strings(spd, "sampling_params")
-            params = SamplingParams.from_dict(spd)
-            params.validate(self.scheduler.runner.vocab_size)
-            self.scheduler.validate(ids, params.max_new_tokens)
-            base = r or uuid.uuid4().hex
-            for i in range(params.n):
-                p = params.replace(n=1, seed=copy_seed(params.seed, i))
-                req = TokenizedGenerateReq(rid=base if params.n == 1 else f"{base}-{i}", input_text=text,
-                                           input_ids=ids, sampling_params=p, return_logprob=return_logprob,
-                                           logprob_start_len=logprob_start_len,
-                                           top_logprobs_num=top_logprobs_num, stream=stream)
-                out.append((req, return_text_in_logprobs))
-        return out, single
+        return texts, ids_list, single
 
-    def _submit(self, item: tuple[TokenizedGenerateReq, bool], sink: Callable[[dict | object], None]) -> None:
-        req, text_in_lp = item
+    def _submit(self, req: TokenizedGenerateReq, text_in_lp: bool, sink: Sink) -> None:
         if self._closed:
             raise RuntimeError(self._failure)
-        self._inbox.put(("add", req, text_in_lp, sink, time.perf_counter()))
+        self._inbox.put(AddRequest(req, text_in_lp, sink, time.perf_counter()))
 
-    def _submit_collect(self, item) -> Future:
+    def _submit_collect(self, req: TokenizedGenerateReq, text_in_lp: bool) -> Future:
         fut: Future = Future()
         last: list[dict] = []
 
@@ -220,13 +232,13 @@ class Engine:
                 fut.set_result(last[-1])
             else:
                 last.append(x)
-        self._submit(item, sink)
+        self._submit(req, text_in_lp, sink)
         return fut
 
-    def _collect(self, reqs: list, single: bool) -> Future:
+    def _collect(self, reqs: list[TokenizedGenerateReq], single: bool, text_in_lp: bool) -> Future:
         """Submit `reqs`; one future for all their final results (a dict for a single prompt with
         n=1, else the list in order), or the GenerationError of the first one that was aborted."""
-        futures = [self._submit_collect(r) for r in reqs]
+        futures = [self._submit_collect(r, text_in_lp) for r in reqs]
         out: Future = Future()
         pending = [len(futures)]
         lock = threading.Lock()
@@ -249,9 +261,9 @@ class Engine:
             f.add_done_callback(one_done)
         return out
 
-    def _stream(self, item) -> Iterator[dict]:
+    def _stream(self, req: TokenizedGenerateReq, text_in_lp: bool) -> Iterator[dict]:
         q: queue.Queue = queue.Queue()
-        self._submit(item, q.put)
+        self._submit(req, text_in_lp, q.put)
         try:
             while True:
                 x = q.get()
@@ -260,69 +272,30 @@ class Engine:
                 _raise_if_error(x)
                 yield x
         finally:
-            self.abort(item[0].rid)
+            self.abort(req.rid)
 
     def _call(self, fn: Callable[[], Any]) -> Any:
         if self._closed:
             raise RuntimeError(self._failure)
         fut: Future = Future()
-        self._inbox.put(("call", fn, fut))
+        self._inbox.put(Call(fn, fut))
         return fut.result()
 
     # ---- the scheduler thread -------------------------------------------------------------
 
-    def _next_message(self, block: bool, burst_end: float | None, gap: float) -> tuple | None:
-        """The next inbox message, or None when it is time to step. `block`: wait for one. During
-        a burst (burst_end set) waits up to `gap` seconds for each next one, until burst_end; while
-        expected requests are still to come (expect_requests), until their deadline."""
-        try:
-            if block:
-                return self._inbox.get()
-            if burst_end is not None and self._expected[0] > 0:
-                gap = self._expected[1] - time.monotonic()
-                burst_end = max(burst_end, self._expected[1])
-            wait = 0.0 if burst_end is None else min(gap, burst_end - time.monotonic())
-            return self._inbox.get(timeout=wait) if wait > 0 else self._inbox.get_nowait()
-        except queue.Empty:
-            return None
-
     def _loop(self) -> None:
-        # Requests that reach an idle engine a few ms apart (the threads of a DSL run_batch, a
-        # fork's branches) would otherwise start with whichever came first, and the rest would
-        # wait a whole step behind them. So once requests start arriving at an idle engine, it
-        # waits for each next one while they keep coming less than `gap` apart: arrival_gap_ms,
-        # but at most a tenth of a step (so the wait stays small next to the step a straggler
-        # would lose), and 50 gaps in all.
-        sched = self.scheduler
-        step_s = 0.05  # running mean of a step's duration
+        sched, burst = self.scheduler, self._burst
         while True:
-            block, burst_end = not sched.has_work(), None
-            gap = min(self.arrival_gap_ms / 1000, 0.1 * step_s)
+            burst.begin(idle=not sched.has_work())
             try:
-                while (msg := self._next_message(block, burst_end, gap)) is not None:
-                    if msg[0] == "expect":  # before `block` is cleared: the burst is still to come
-                        self._expected = [msg[1], msg[2]]
-                        continue
-                    if block and msg[0] == "add" and gap > 0:
-                        burst_end = time.monotonic() + 50 * gap
-                    block = False
-                    if msg[0] == "add" and self._expected[0] > 0:
-                        self._expected[0] -= 1
-                    if msg[0] == "stop":
+                while (msg := burst.next()) is not None:
+                    if isinstance(msg, Stop):
                         for rid in list(self._sinks):
                             sched.abort_request(rid, "engine shut down")
-                        outputs, sched.outbox = sched.outbox, []
-                        self._route(outputs)
+                        self._route(sched.drain_outputs())
                         return
                     self._handle(msg)
-                if sched.has_work():
-                    self._expected = [0, 0.0]  # a hint only holds the first step of a burst
-                    t = time.perf_counter()
-                    outputs = sched.step()
-                    step_s = 0.8 * step_s + 0.2 * (time.perf_counter() - t)
-                else:
-                    outputs, sched.outbox = sched.outbox, []
-                self._route(outputs)
+                self._route(burst.run_step(sched.step) if sched.has_work() else sched.drain_outputs())
             except Exception as e:  # a bug must not hang every caller: fail them all loudly
                 logger.exception("scheduler step failed")
                 self._closed = True
@@ -337,35 +310,31 @@ class Engine:
                 msg = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            if msg[0] == "add":
-                self._sinks[msg[1].rid] = msg[3]
-            elif msg[0] == "call":
-                msg[2].set_exception(RuntimeError(self._failure))
+            if isinstance(msg, AddRequest):
+                self._sinks[msg.req.rid] = msg.sink
+            elif isinstance(msg, Call):
+                msg.future.set_exception(RuntimeError(self._failure))
         for rid, sink in list(self._sinks.items()):
-            sink({"text": "", "output_ids": [], "meta_info": {
-                "id": rid, "finish_reason": {"type": "abort", "message": self._failure}}})
+            sink(abort_result(rid, self._failure))
             sink(_DONE)
         self._sinks.clear()
 
-    def _handle(self, msg: tuple) -> None:
-        kind = msg[0]
-        if kind == "add":
-            _, req, text_in_lp, sink, created = msg
-            sp = req.sampling_params
-            self._sinks[req.rid] = sink
-            self.detokenizer.register(req.rid, stop=sp.stop, no_stop_trim=sp.no_stop_trim,
+    def _handle(self, msg: AddRequest | Abort | Call) -> None:
+        if isinstance(msg, AddRequest):
+            sp = msg.req.sampling_params
+            self._sinks[msg.req.rid] = msg.sink
+            self.detokenizer.register(msg.req.rid, stop=sp.stop, no_stop_trim=sp.no_stop_trim,
                                       skip_special_tokens=sp.skip_special_tokens,
                                       spaces_between_special_tokens=sp.spaces_between_special_tokens,
-                                      return_text_in_logprobs=text_in_lp, created=created)
-            self.scheduler.add_request(req)
-        elif kind == "abort":
-            self.scheduler.abort_request(msg[1])
-        elif kind == "call":
-            _, fn, fut = msg
+                                      return_text_in_logprobs=msg.return_text_in_logprobs, created=msg.created)
+            self.scheduler.add_request(msg.req)
+        elif isinstance(msg, Abort):
+            self.scheduler.abort_request(msg.rid)
+        elif isinstance(msg, Call):
             try:
-                fut.set_result(fn())
+                msg.future.set_result(msg.fn())
             except Exception as e:
-                fut.set_exception(e)
+                msg.future.set_exception(e)
 
     def _route(self, outputs: list[ReqOutput]) -> None:
         """Hand each output to its caller. One that fails to detokenize ends its request alone:
@@ -382,6 +351,18 @@ class Engine:
                 del self._sinks[out.rid]
                 if not out.finished:
                     self.scheduler.abort_request(out.rid, reason["message"])
+
+
+def _pop_request_args(kwargs: dict[str, Any], stream: bool,
+                      ) -> tuple[list[int] | list[list[int]] | None, str | list[str] | None, GenerateOptions]:
+    """(input_ids, rid, options) taken out of submit's / async_stream's keyword arguments;
+    raises TypeError for any other."""
+    input_ids, rid = kwargs.pop("input_ids", None), kwargs.pop("rid", None)
+    names = [k for k in GenerateOptions.field_names() if k != "stream" and k in kwargs]
+    options = GenerateOptions(stream=stream, **{k: kwargs.pop(k) for k in names})
+    if kwargs:
+        raise TypeError(f"unexpected argument(s): {sorted(kwargs)}")
+    return input_ids, rid, options
 
 
 def _raise_if_error(res: dict) -> None:

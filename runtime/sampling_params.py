@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from radixflow.runtime.validation import MAX_JSON_DEPTH, json_depth
 
 _GREEDY_EPS = 1e-6
 _MAX_TEMPERATURE = 100.0  # beyond this every distribution is uniform to float precision
 _MAX_INT = 2**31 - 1  # token counts, n and top_k: anything larger is a mistake or an attack
+# name: (lo, hi, whether lo itself is excluded); every value must also be finite
+_FLOAT_RANGES = {"temperature": (0, _MAX_TEMPERATURE, False), "top_p": (0, 1, True), "min_p": (0, 1, False),
+                 "frequency_penalty": (-2, 2, False), "presence_penalty": (-2, 2, False),
+                 "repetition_penalty": (0, 2, True)}
+_TOKEN_ID = re.compile(r"-?[0-9]{1,19}")  # a logit_bias key as JSON spells it: decimal digits only
 
 
 class SamplingParamsError(ValueError):
@@ -50,6 +59,8 @@ class SamplingParams:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> SamplingParams:
         """Build from a JSON-style dict; unknown keys are an error (typos must not pass silently)."""
+        if d is not None and not isinstance(d, dict):
+            raise SamplingParamsError(f"sampling_params must be an object (a dict), got {type(d).__name__}")
         d = dict(d or {})
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
@@ -62,9 +73,10 @@ class SamplingParams:
         if d.get("stop_token_ids") is None:
             d.pop("stop_token_ids", None)
         if isinstance(d.get("json_schema"), dict):
-            import json
-
-            d["json_schema"] = json.dumps(d["json_schema"])
+            try:
+                d["json_schema"] = json.dumps(d["json_schema"], allow_nan=False)
+            except (TypeError, ValueError, RecursionError) as e:
+                raise SamplingParamsError(f"json_schema is not a JSON object: {e}") from None
         if d.get("logit_bias"):
             d["logit_bias"] = _parse_logit_bias(d["logit_bias"])
         elif d.get("logit_bias") is None:
@@ -87,33 +99,56 @@ class SamplingParams:
         if self.ebnf is not None:
             return ("ebnf", self.ebnf)
         if self.choices is not None:
-            import json
-
             return ("choices", json.dumps(self.choices))
         return None
 
     def validate(self, vocab_size: int | None = None) -> None:
-        """Raise SamplingParamsError with a precise message on the first bad field."""
+        """Raise SamplingParamsError, whose message names the field, on the first bad field.
 
-        def check_type(name: str, types: tuple[type, ...]) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) and bool not in types:
-                raise SamplingParamsError(f"{name} must be {types[0].__name__}, got bool")
-            if not isinstance(v, types):
-                raise SamplingParamsError(f"{name} must be {types[0].__name__}, got {type(v).__name__}")
+        Every float is finite and within its range (temperature in [0, 100]; logit_bias values
+        in [-100, 100], as the OpenAI API documents); every integer is within its type (token
+        counts, n and top_k below 2**31; seed in [-2**63, 2**63), refused outside rather than
+        reduced, and the copies of an n > 1 request get `copy_seed`, which stays in that range).
+        With `vocab_size`, token ids in stop_token_ids and logit_bias are within the vocabulary."""
+        self._check_numbers()
+        self._check_stops()
+        self._check_constraint()
+        self._check_seed_and_bias(vocab_size)
 
+    def _check_type(self, name: str, types: tuple[type, ...]) -> None:
+        v = getattr(self, name)
+        if isinstance(v, bool) and bool not in types:
+            raise SamplingParamsError(f"{name} must be {types[0].__name__}, got bool")
+        if not isinstance(v, types):
+            raise SamplingParamsError(f"{name} must be {types[0].__name__}, got {type(v).__name__}")
+
+    def _check_numbers(self) -> None:
         for name in ("max_new_tokens", "min_new_tokens", "n", "top_k"):
-            check_type(name, (int,))
-        for name in ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty",
-                     "repetition_penalty"):
-            check_type(name, (float, int))
-            if not math.isfinite(getattr(self, name)):
-                raise SamplingParamsError(f"{name} must be a finite number, got {getattr(self, name)}")
-        for name in ("max_new_tokens", "min_new_tokens", "n", "top_k"):
+            self._check_type(name, (int,))
             if abs(getattr(self, name)) > _MAX_INT:
-                raise SamplingParamsError(f"{name} is out of range: {getattr(self, name)}")
+                raise SamplingParamsError(f"{name} is out of range: {_show(getattr(self, name))}")
+        for name, (lo, hi, open_lo) in _FLOAT_RANGES.items():
+            self._check_type(name, (float, int))
+            v = getattr(self, name)
+            if not _is_finite(v):
+                raise SamplingParamsError(f"{name} must be a finite number, got {_show(v)}")
+            if not (lo < v <= hi if open_lo else lo <= v <= hi):
+                raise SamplingParamsError(f"{name} must be in {'(' if open_lo else '['}{lo}, {hi}], got {v}")
         for name in ("ignore_eos", "skip_special_tokens", "no_stop_trim", "spaces_between_special_tokens"):
-            check_type(name, (bool,))
+            self._check_type(name, (bool,))
+        for name in ("max_new_tokens", "min_new_tokens"):
+            if getattr(self, name) < 0:
+                raise SamplingParamsError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise SamplingParamsError(
+                f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens ({self.max_new_tokens})"
+            )
+        if self.n < 1:
+            raise SamplingParamsError(f"n must be >= 1, got {self.n}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise SamplingParamsError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
+
+    def _check_stops(self) -> None:
         if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
             raise SamplingParamsError("stop must be a string or a list of strings")
         if any(s == "" for s in self.stop):
@@ -122,30 +157,14 @@ class SamplingParams:
             isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids
         ):
             raise SamplingParamsError("stop_token_ids must be a list of integers")
-        if self.max_new_tokens < 0:
-            raise SamplingParamsError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.min_new_tokens < 0:
-            raise SamplingParamsError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
-        if self.min_new_tokens > self.max_new_tokens:
-            raise SamplingParamsError(
-                f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens ({self.max_new_tokens})"
-            )
-        if self.n < 1:
-            raise SamplingParamsError(f"n must be >= 1, got {self.n}")
-        if not 0 <= self.temperature <= _MAX_TEMPERATURE:
-            raise SamplingParamsError(f"temperature must be in [0, {_MAX_TEMPERATURE}], got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise SamplingParamsError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k == 0 or self.top_k < -1:
-            raise SamplingParamsError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
-        if not 0 <= self.min_p <= 1:
-            raise SamplingParamsError(f"min_p must be in [0, 1], got {self.min_p}")
-        for name in ("frequency_penalty", "presence_penalty"):
-            v = getattr(self, name)
-            if not -2 <= v <= 2:
-                raise SamplingParamsError(f"{name} must be in [-2, 2], got {v}")
-        if not 0 < self.repetition_penalty <= 2:
-            raise SamplingParamsError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+
+    def _check_constraint(self) -> None:
+        for name in ("json_schema", "regex", "ebnf"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise SamplingParamsError(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
+        depth = 0 if self.json_schema is None else json_depth(self.json_schema.encode("utf-8", "surrogatepass"))
+        if depth > MAX_JSON_DEPTH:  # the grammar compiler recurses once per level
+            raise SamplingParamsError(f"json_schema nests {depth} levels deep; at most {MAX_JSON_DEPTH} are accepted")
         constraints = [k for k in ("json_schema", "regex", "ebnf", "choices") if getattr(self, k) is not None]
         if len(constraints) > 1:
             raise SamplingParamsError(f"at most one of json_schema, regex, ebnf, choices; got {constraints}")
@@ -154,21 +173,24 @@ class SamplingParams:
             or not all(isinstance(c, str) for c in self.choices)
         ):
             raise SamplingParamsError("choices must be a non-empty list of strings")
+
+    def _check_seed_and_bias(self, vocab_size: int | None) -> None:
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise SamplingParamsError(f"seed must be an integer, got {type(self.seed).__name__}")
         if self.seed is not None and not -(2**63) <= self.seed < 2**63:
-            raise SamplingParamsError(f"seed must be a 64-bit integer in [-2**63, 2**63), got {self.seed}")
+            raise SamplingParamsError(f"seed must be a 64-bit integer in [-2**63, 2**63), got {_show(self.seed)}")
         if not isinstance(self.logit_bias, dict):
             raise SamplingParamsError("logit_bias must map token ids to numbers")
         for t, v in self.logit_bias.items():
             if not isinstance(t, int) or isinstance(t, bool):
-                raise SamplingParamsError(f"logit_bias keys must be token ids, got {t!r}")
+                raise SamplingParamsError(f"logit_bias keys must be token ids, got {_show(t)}")
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
-                raise SamplingParamsError(f"logit_bias[{t}] must be a number in [-100, 100], got {v!r}")
+                raise SamplingParamsError(f"logit_bias[{_show(t)}] must be a number in [-100, 100], got {_show(v)}")
         if vocab_size is not None:
-            for t in list(self.stop_token_ids) + list(self.logit_bias):
-                if not 0 <= t < vocab_size:
-                    raise SamplingParamsError(f"token id {t} is out of range [0, {vocab_size})")
+            for name in ("stop_token_ids", "logit_bias"):
+                bad = next((t for t in getattr(self, name) if not 0 <= t < vocab_size), None)
+                if bad is not None:
+                    raise SamplingParamsError(f"{name}: token id {_show(bad)} is out of range [0, {vocab_size})")
 
     def replace(self, **changes: Any) -> SamplingParams:
         return dataclasses.replace(self, **changes)
@@ -186,11 +208,30 @@ def _parse_logit_bias(bias: Any) -> dict[int, float]:
         raise SamplingParamsError("logit_bias must map token ids to numbers")
     out: dict[int, float] = {}
     for k, v in bias.items():
-        try:
+        if isinstance(k, int) and not isinstance(k, bool):
+            t = k
+        elif isinstance(k, str) and _TOKEN_ID.fullmatch(k):
             t = int(k)
-        except (TypeError, ValueError):
-            raise SamplingParamsError(f"logit_bias keys must be token ids, got {k!r}") from None
+        else:  # not "4_2", " 42", "1.5", 1.5 or True, which int() would take
+            raise SamplingParamsError(f"logit_bias keys must be token ids, got {_show(k)}")
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
-            raise SamplingParamsError(f"logit_bias[{k}] must be a number in [-100, 100], got {v!r}")
+            raise SamplingParamsError(f"logit_bias[{t}] must be a number in [-100, 100], got {_show(v)}")
         out[t] = float(v)
     return out
+
+
+def _is_finite(v: float | int) -> bool:
+    """math.isfinite, False for an int too large for a float instead of OverflowError."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+def _show(v: Any) -> str:
+    """A short repr for an error message: a hostile value may be 8 MB long, or an integer too
+    large for str() (Python refuses more than 4300 digits)."""
+    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 64:
+        return f"an integer of {v.bit_length()} bits"
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."

@@ -28,16 +28,38 @@ def check_text(text: str, field: str) -> None:
 
 
 def check_strings(value: object, field: str) -> None:
-    """check_text on every string in a JSON-like value (strings, lists, dict keys and values)."""
-    if isinstance(value, str):
-        check_text(value, field)
-    elif isinstance(value, list):
-        for v in value:
-            check_strings(v, field)
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            check_strings(k, field)
-            check_strings(v, field)
+    """check_text on every string in a JSON-like value (strings, lists, dict keys and values),
+    at any depth (no recursion: an in-process caller's value is not depth-checked)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            check_text(v, field)
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+
+
+def check_token_ids(ids: object, field: str) -> None:
+    """Raise ValueError naming `field` unless `ids` is a list (or tuple) of ints (bools and floats such as
+    2.5 are not token ids). Whether each id is within the vocabulary is the scheduler's check."""
+    if not isinstance(ids, (list, tuple)):
+        raise ValueError(f"{field} must be a list of token ids, got {type(ids).__name__}")
+    bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool)), None)
+    if bad is not None:
+        raise ValueError(f"{field} must be a list of token ids (integers), got a {type(bad).__name__}")
+
+
+def check_logprob_args(logprob_start_len: object, top_logprobs_num: object, max_top_logprobs: int) -> None:
+    """Raise ValueError naming the argument unless logprob_start_len is an int >= -1 and
+    top_logprobs_num an int in [0, max_top_logprobs]."""
+    if not isinstance(logprob_start_len, int) or isinstance(logprob_start_len, bool) or logprob_start_len < -1:
+        raise ValueError("logprob_start_len must be an integer >= -1")
+    if (not isinstance(top_logprobs_num, int) or isinstance(top_logprobs_num, bool)
+            or not 0 <= top_logprobs_num <= max_top_logprobs):
+        raise ValueError(f"top_logprobs_num must be an integer in [0, {max_top_logprobs}]")
 
 
 def json_depth(raw: bytes) -> int:

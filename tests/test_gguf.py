@@ -436,7 +436,8 @@ def test_sentencepiece_vocabulary(tmp_path: Path) -> None:
     The dummy-prefix space follows sentencepiece and llama.cpp (also before text that follows a
     special token, and even when the text starts with a space), where transformers differs."""
     transformers = pytest.importorskip("transformers")
-    from radixflow.runtime.loading.gguf import build_tokenizer, read_metadata
+    from radixflow.runtime.loading.gguf import read_metadata
+    from radixflow.runtime.loading.gguf_tokenizer import build_tokenizer
 
     _write_spm_gguf(tmp_path / "spm.gguf")
     ours, config = build_tokenizer(read_metadata(tmp_path / "spm.gguf"))

@@ -23,8 +23,9 @@ from fastapi import FastAPI
 from server_utils import API_KEY, AUTH, ServerProcess, assert_error, shared_server, wait_pool_whole
 
 from radixflow.runtime.server import cli
-from radixflow.runtime.server.app import _Guard
-from radixflow.runtime.server.serve import ServerArgs, header_timeout_protocol
+from radixflow.runtime.server.args import ServerArgs
+from radixflow.runtime.server.guard import _Guard
+from radixflow.runtime.server.serve import header_timeout_protocol
 
 ENV_KEY = "env-secret-4f1c"
 FILE_KEY = "file-secret-9a2e"

@@ -17,7 +17,15 @@ from server_utils import assert_error, shared_server, wait_pool_whole
 from radixflow.grammars import GrammarError
 from radixflow.grammars.xgrammar_backend import validate_grammar
 from radixflow.runtime.sampling_params import SamplingParams, SamplingParamsError, copy_seed
-from radixflow.runtime.validation import MAX_JSON_DEPTH, check_json_nesting, check_text, json_depth
+from radixflow.runtime.validation import (
+    MAX_JSON_DEPTH,
+    check_json_nesting,
+    check_logprob_args,
+    check_strings,
+    check_text,
+    check_token_ids,
+    json_depth,
+)
 
 # ---- units ----------------------------------------------------------------------------------
 
@@ -81,6 +89,79 @@ def test_resolvable_refs_pass():
                                          "$defs": {"a/b": {"type": "integer"}}}))
 
 
+def test_refs_are_percent_decoded_as_xgrammar_resolves_them():
+    schema = {"type": "object", "properties": {"a": {"$ref": "#/$defs/a%20b"}}, "$defs": {"a b": {"type": "integer"}}}
+    validate_grammar("json", json.dumps(schema))
+    schema["$defs"] = {"a%20b": {"type": "integer"}}
+    with pytest.raises(GrammarError, match="does not resolve"):
+        validate_grammar("json", json.dumps(schema))
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty",
+                                   "repetition_penalty"])
+def test_float_fields_refuse_integers_too_large_for_a_float(field):
+    """math.isfinite(10**400) raises OverflowError (not a ValueError, so a 500 on the server)."""
+    with pytest.raises(SamplingParamsError, match=f"{field} must be a finite number, got an integer of 1329 bits"):
+        SamplingParams.from_dict({field: 10**400})
+
+
+@pytest.mark.parametrize("key", ["4_2", " 42", "42 ", "1.5", "+42", "\u0664\u0662", "1" * 20, 1.5, True, None])
+def test_logit_bias_keys_must_be_decimal_token_ids(key):
+    """int() alone would take "4_2", " 42" and Arabic-Indic digits, and truncate 1.5 to 1."""
+    with pytest.raises(SamplingParamsError, match="logit_bias keys must be token ids"):
+        SamplingParams.from_dict({"logit_bias": {key: 1}})
+    assert SamplingParams.from_dict({"logit_bias": {"-0": 1, "7": 2}}).logit_bias == {0: 1.0, 7: 2.0}
+
+
+def test_messages_stay_short_for_huge_values():
+    """str() of an int past 4300 digits raises; an 8 MB key must not come back in the message."""
+    for sp, field in [({"max_new_tokens": 10**5000}, "max_new_tokens"), ({"seed": -(10**5000)}, "seed"),
+                      ({"logit_bias": {"9" * 100_000: 1}}, "logit_bias"), ({"stop_token_ids": [10**5000]}, None)]:
+        with pytest.raises(SamplingParamsError) as e:
+            SamplingParams.from_dict(sp).validate(vocab_size=100)
+        assert len(str(e.value)) < 160 and (field or "stop_token_ids") in str(e.value)
+
+
+@pytest.mark.parametrize("sp,needle", [
+    ({"json_schema": 5}, "json_schema must be a string"), ({"regex": ["a"]}, "regex must be a string"),
+    ({"ebnf": b"root ::= x"}, "ebnf must be a string"), ({"json_schema": {"a": float("nan")}}, "json_schema is not"),
+    ({"json_schema": {"a": {1, 2}}}, "json_schema is not"), ("temperature=0", "sampling_params must be an object"),
+    ({"json_schema": '{"a": ' + "[" * 10_000 + "]" * 10_000 + "}"}, "json_schema nests 10001 levels deep"),
+])
+def test_constraint_specs_are_strings_of_bounded_depth(sp, needle):
+    with pytest.raises(SamplingParamsError, match=needle):
+        SamplingParams.from_dict(sp)
+
+
+def test_a_deep_json_schema_is_a_grammar_error_not_a_recursion_error():
+    """The scheduler treats only GrammarError as a refused request; validate_grammar is public."""
+    with pytest.raises(GrammarError, match="nests too deeply"):
+        validate_grammar("json", '{"type": "object", "properties": {"a": ' + "[" * 10_000 + "]" * 10_000 + "}}")
+
+
+def test_check_strings_reaches_any_depth_without_recursion():
+    deep: list = ["\ud800"]
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(ValueError, match="messages is not valid Unicode"):
+        check_strings({"k": deep}, "messages")
+    with pytest.raises(ValueError, match="sp is not valid Unicode"):
+        check_strings({"\udc00": 1}, "sp")  # keys too
+    check_strings({"a": ["b", 1, None, {"c": 2.5}]}, "sp")
+
+
+def test_token_ids_and_logprob_args():
+    check_token_ids([0, 5], "input_ids")
+    check_logprob_args(-1, 0, 5)
+    for ids in ([1, 2.5], [True], ["1"], 5):
+        with pytest.raises(ValueError, match="input_ids must be a list of token ids"):
+            check_token_ids(ids, "input_ids")
+    for start, top, field in [(-2, 0, "logprob_start_len"), (1.0, 0, "logprob_start_len"),
+                              (0, 6, "top_logprobs_num"), (0, -1, "top_logprobs_num"), (0, 10**30, "top_logprobs_num")]:
+        with pytest.raises(ValueError, match=field):
+            check_logprob_args(start, top, 5)
+
+
 # ---- the in-process Engine ------------------------------------------------------------------
 
 
@@ -98,6 +179,30 @@ def test_engine_refuses_bad_values_and_serves_on(engine, sp, field):
 def test_engine_refuses_a_lone_surrogate_prompt(engine):
     with pytest.raises(ValueError, match="prompt is not valid Unicode"):
         engine.generate("Hi \ud800", {"max_new_tokens": 2})
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"input_ids": [1, 2.5]}, "input_ids"), ({"input_ids": [[1, 2], [3, "x"]]}, "input_ids"),
+    ({"input_ids": [1, True]}, "input_ids"), ({"input_ids": 5}, "input_ids"),
+    ({"prompt": "Hi", "return_logprob": True, "top_logprobs_num": 10**30}, "top_logprobs_num"),
+    ({"prompt": "Hi", "return_logprob": True, "top_logprobs_num": -5}, "top_logprobs_num"),
+    ({"prompt": "Hi", "return_logprob": True, "logprob_start_len": -7}, "logprob_start_len"),
+    ({"prompt": "Hi", "sampling_params": "max_new_tokens=2"}, "sampling_params"),
+    ({"prompt": "Hi", "sampling_params": {"top_p": 10**400}}, "top_p"),
+])
+def test_engine_refuses_bad_ids_and_arguments(engine, kwargs, field):
+    """10**30 top logprobs once reached torch.topk ("Overflow when unpacking long long")."""
+    with pytest.raises(ValueError, match=field):
+        engine.generate(**{"sampling_params": {"max_new_tokens": 2}, **kwargs})
+
+
+def test_engine_survives_a_json_schema_string_nested_10000_deep(engine):
+    """This once killed the in-process Engine's scheduler (RecursionError in the grammar compile):
+    every later call failed with "the engine's scheduler failed"."""
+    deep = '{"type": "object", "properties": {"a": ' + "[" * 10_000 + "]" * 10_000 + "}}"
+    with pytest.raises(ValueError, match="json_schema nests"):
+        engine.generate("Hi", {"max_new_tokens": 2, "json_schema": deep})
+    assert engine.generate("Hi", {"max_new_tokens": 2, "temperature": 0})["meta_info"]["completion_tokens"] == 2
 
 
 # ---- the server -----------------------------------------------------------------------------
@@ -140,6 +245,17 @@ CASES = {
     "body_nested_10000_deep": ("/generate", b'{"text": ' + b"[" * 10000 + b"]" * 10000 + b"}", "levels deep"),
     "unresolvable_ref": ("/generate", json.dumps({"text": "Hi", "sampling_params": {
         "max_new_tokens": 4, "json_schema": {"$ref": "#/definitions/nope"}}}).encode(), "$ref"),
+    "json_schema_string_nested_10000_deep": ("/generate", json.dumps({"text": "Hi", "sampling_params": {
+        "max_new_tokens": 4, "json_schema": "[" * 10_000 + "]" * 10_000}}).encode(), "json_schema"),
+    "top_p_integer_too_large_for_a_float": ("/generate", b'{"text": "Hi", "sampling_params": {"top_p": 1'
+                                            + b"0" * 400 + b"}}", "top_p"),
+    "chat_temperature_integer_too_large_for_a_float": ("/v1/chat/completions",
+                                                       b'{' + CHAT + b', "temperature": 1' + b"0" * 400 + b"}",
+                                                       "temperature"),
+    "logit_bias_key_not_a_decimal_token_id": ("/generate",
+                                              b'{"text": "Hi", "sampling_params": {"logit_bias": {"4_2": 1}}}',
+                                              "logit_bias"),
+    "chat_stop_lone_surrogate": ("/v1/chat/completions", b'{' + CHAT + b', "stop": ["\\ud800"]}', "stop"),
     "remote_ref": ("/generate", json.dumps({"text": "Hi", "sampling_params": {
         "max_new_tokens": 4, "json_schema": {"$ref": "https://example.com/s.json"}}}).encode(), "$ref"),
 }

@@ -26,11 +26,10 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import platformdirs
+from radixflow.paths import cache_dir
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
-    "cache_dir",
     "default_gguf_path",
     "default_model_path",
     "resolve_model_path",
@@ -49,11 +48,6 @@ _MARKER = "radixflow-converted.json"
 
 def _log(message: str) -> None:
     print(f"radixflow: {message}", file=sys.stderr, flush=True)
-
-
-def cache_dir() -> Path:
-    """Root of radixflow's cache: $RADIXFLOW_CACHE_DIR or the platform's user cache dir."""
-    return Path(os.environ.get("RADIXFLOW_CACHE_DIR") or platformdirs.user_cache_dir("radixflow"))
 
 
 @contextlib.contextmanager

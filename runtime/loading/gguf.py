@@ -3,7 +3,8 @@
 `GGUFReader` (from the `gguf` package) only parses the container; the block formats are decoded
 here. `convert_gguf_to_hf` turns a Llama-architecture GGUF into a folder that both radixflow and
 transformers load: config.json, generation_config.json, model.safetensors (fp32, HF names),
-tokenizer.json and tokenizer_config.json. Nothing here needs transformers.
+tokenizer.json and tokenizer_config.json (the tokenizer from `gguf_tokenizer.build_tokenizer`).
+Nothing here needs transformers.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, GGUFValueType
 
+from radixflow.runtime.loading.gguf_tokenizer import build_tokenizer
+
 __all__ = [
     "dequantize",
     "permute_qk",
     "unpermute_qk",
     "read_metadata",
-    "build_tokenizer",
     "convert_gguf_to_hf",
 ]
 
@@ -167,175 +169,6 @@ def read_metadata(reader_or_path: GGUFReader | str | os.PathLike) -> dict[str, A
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenizer (byte-level BPE "gpt2" and sentencepiece-style "llama" vocabularies)
-
-_CONTROL, _USER_DEFINED = 3, 4
-
-# Pre-tokenizer splits, as llama.cpp applies them for each `tokenizer.ggml.pre` value.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_SPLIT_BY_PRE = {
-    **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "dbrx", "smaug-bpe"], _LLAMA3_SPLIT),
-    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "megrez"], _QWEN2_SPLIT),
-}
-# These split every numeric code point off first, then apply the GPT-2 regex.
-_DIGITS_FIRST = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
-_IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe", "tekken"}
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
-
-
-def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
-    """BPE merges implied by a sentencepiece vocabulary: every split of a token into two vocabulary
-    pieces, best score first (the order sentencepiece's BPE applies them)."""
-    vocab = {t: i for i, t in enumerate(tokens)}
-    merges = []
-    for token, score in zip(tokens, scores, strict=True):
-        for k in range(1, len(token)):
-            left, right = token[:k], token[k:]
-            if left in vocab and right in vocab:
-                merges.append((score, vocab[left], vocab[right], left, right))
-    merges.sort(key=lambda m: (-m[0], m[1], m[2]))
-    return [(m[3], m[4]) for m in merges]
-
-
-def build_tokenizer(meta: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """A `tokenizers.Tokenizer` and a tokenizer_config dict from GGUF tokenizer metadata.
-
-    Supports `tokenizer.ggml.model` "gpt2" (byte-level BPE; the pre-tokenizer follows
-    `tokenizer.ggml.pre` the way llama.cpp does) and "llama" (sentencepiece BPE with byte
-    fallback). Control tokens become special added tokens, user-defined ones plain added tokens.
-    BOS/EOS insertion is baked into the post-processor per `add_bos_token`/`add_eos_token`.
-    """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers.models import BPE
-
-    kind = meta.get("tokenizer.ggml.model")
-    arch = meta.get("general.architecture", "llama")
-    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
-    types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama"))
-    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
-
-    if kind == "gpt2":
-        alphabet = set(_bytes_to_unicode().values())
-        spell = _bytes_to_unicode()
-        for i, t in enumerate(tokens):  # a normal token outside the byte alphabet is raw text: respell it
-            if types[i] not in (_CONTROL, _USER_DEFINED) and not set(t) <= alphabet:
-                tokens[i] = "".join(spell[b] for b in t.encode("utf-8"))
-        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-        vocab = {t: i for i, t in reversed(list(enumerate(tokens)))}
-        tok = Tokenizer(BPE(vocab, merges, ignore_merges=pre in _IGNORE_MERGES))
-        if pre in _SPLIT_BY_PRE:
-            tok.pre_tokenizer = pre_tokenizers.Sequence(
-                [
-                    pre_tokenizers.Split(Regex(_SPLIT_BY_PRE[pre]), behavior="isolated"),
-                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-                ]
-            )
-        elif pre in _DIGITS_FIRST:
-            tok.pre_tokenizer = pre_tokenizers.Sequence(
-                [
-                    pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"),
-                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-                ]
-            )
-        else:
-            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        tok.decoder = decoders.ByteLevel()
-    elif kind == "llama":
-        scores = list(meta["tokenizer.ggml.scores"])
-        if "tokenizer.ggml.merges" in meta:
-            merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-        else:
-            merges = _merges_from_scores(tokens, scores)
-        vocab = {t: i for i, t in reversed(list(enumerate(tokens)))}
-        unk_id = meta.get("tokenizer.ggml.unknown_token_id")
-        unk = tokens[unk_id] if unk_id is not None else None
-        tok = Tokenizer(BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
-        steps = [normalizers.Replace(" ", "\u2581")]
-        if meta.get("tokenizer.ggml.add_space_prefix", True):
-            steps.insert(0, normalizers.Prepend("\u2581"))
-        tok.normalizer = normalizers.Sequence(steps)
-        dec = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-        if meta.get("tokenizer.ggml.add_space_prefix", True):
-            dec.append(decoders.Strip(" ", 1, 0))
-        tok.decoder = decoders.Sequence(dec)
-    else:
-        raise ValueError(f"unsupported GGUF tokenizer model {kind!r} (supported: 'gpt2', 'llama')")
-
-    tok.add_special_tokens(
-        [AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, types, strict=True) if k == _CONTROL]
-    )
-    tok.add_tokens(
-        [
-            AddedToken(t, normalized=False, special=False)
-            for t, k in zip(tokens, types, strict=True)
-            if k == _USER_DEFINED
-        ]
-    )
-
-    def special(key: str) -> str | None:
-        i = meta.get(f"tokenizer.ggml.{key}")
-        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
-
-    bos, eos = special("bos_token_id"), special("eos_token_id")
-    head = [bos] if add_bos and bos is not None else []
-    tail = [eos] if add_eos and eos is not None else []
-    tok.post_processor = processors.TemplateProcessing(
-        single=" ".join([*head, "$A", *tail]),
-        pair=" ".join([*head, "$A", *tail, *[f"{t}:1" for t in head], "$B:1", *[f"{t}:1" for t in tail]]),
-        special_tokens=[(t, tokens.index(t)) for t in dict.fromkeys(head + tail)],
-    )
-
-    config: dict[str, Any] = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": bos,
-        "eos_token": eos,
-        "unk_token": special("unknown_token_id"),
-        "pad_token": special("padding_token_id"),
-        "add_bos_token": add_bos,
-        "add_eos_token": add_eos,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": int(meta.get(f"{arch}.context_length", 2048)),
-        "added_tokens_decoder": {
-            str(i): {
-                "content": t,
-                "lstrip": False,
-                "normalized": False,
-                "rstrip": False,
-                "single_word": False,
-                "special": k == _CONTROL,
-            }
-            for i, (t, k) in enumerate(zip(tokens, types, strict=True))
-            if k in (_CONTROL, _USER_DEFINED)
-        },
-    }
-    if "tokenizer.chat_template" in meta:
-        config["chat_template"] = meta["tokenizer.chat_template"]
-    return tok, config
-
-
-# ---------------------------------------------------------------------------------------------
 # Conversion
 
 _LAYER_NAMES = {
@@ -433,7 +266,6 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     Raises ValueError for non-Llama files or tensors without a Llama equivalent.
     """
     from safetensors.numpy import save_file
-    from tqdm import tqdm
 
     reader = GGUFReader(gguf_path)
     meta = read_metadata(reader)
@@ -449,26 +281,9 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     config["attention_bias"] = any(name.endswith("attn_q.bias") for name in tensors)
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
 
-    weights: dict[str, np.ndarray] = {}
-    for t in tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", disable=not progress):
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # GGUF lists ne (innermost first)
-        w = dequantize(t.data, QT(t.tensor_type), shape)
-        name = hf_tensor_name(t.name)
-        if t.name.endswith(("attn_q.weight", "attn_q.bias")):
-            w = unpermute_qk(w, heads)
-        elif t.name.endswith(("attn_k.weight", "attn_k.bias")):
-            w = unpermute_qk(w, kv_heads)
-        weights[name] = np.ascontiguousarray(w)
-
+    weights = _hf_weights(reader, heads, kv_heads, progress)
     tok, tok_config = build_tokenizer(meta)
-    # generation stops at eos and at the end-of-turn / end-of-message tokens when the file names them
-    stops = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
-    stops = list(dict.fromkeys(i for i in stops if i is not None))
-    gen_config = {
-        "bos_token_id": config["bos_token_id"],
-        "eos_token_id": stops[0] if len(stops) == 1 else stops or None,
-        "pad_token_id": config["pad_token_id"],
-    }
+    gen_config = _generation_config(meta, config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -479,3 +294,32 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
         ("tokenizer_config.json", tok_config),
     ]:
         (out / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _hf_weights(reader: GGUFReader, heads: int, kv_heads: int, progress: bool) -> dict[str, np.ndarray]:
+    """Every tensor of the file dequantized to fp32, under its HF name, in HF Q/K row order."""
+    from tqdm import tqdm
+
+    weights: dict[str, np.ndarray] = {}
+    for t in tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", disable=not progress):
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # GGUF lists ne (innermost first)
+        w = dequantize(t.data, QT(t.tensor_type), shape)
+        name = hf_tensor_name(t.name)
+        if t.name.endswith(("attn_q.weight", "attn_q.bias")):
+            w = unpermute_qk(w, heads)
+        elif t.name.endswith(("attn_k.weight", "attn_k.bias")):
+            w = unpermute_qk(w, kv_heads)
+        weights[name] = np.ascontiguousarray(w)
+    return weights
+
+
+def _generation_config(meta: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """generation_config.json: generation stops at eos and at the end-of-turn / end-of-message
+    tokens when the file names them."""
+    stops = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    stops = list(dict.fromkeys(i for i in stops if i is not None))
+    return {
+        "bos_token_id": config["bos_token_id"],
+        "eos_token_id": stops[0] if len(stops) == 1 else stops or None,
+        "pad_token_id": config["pad_token_id"],
+    }

@@ -6,7 +6,7 @@ the cost of a second copy of the weights). Without a C compiler it falls back to
 
 PyTorch's CPU wheels run `F.linear` on MKL, which on non-Intel x86 CPUs (the AMD EPYC machines
 this project runs on) takes a slow path for the small-M shapes of decoding: 1.3-2x slower than
-the OpenBLAS that numpy ships, at M = 1..64 rows (benchmarks/cpu_gemm.py prints the table).
+the OpenBLAS that numpy ships, at M = 1..64 rows (as measured on those machines).
 `probe` times both on one of the model's own weights at load, interleaved with a parallel
 torch op as in a real forward (two thread pools that spin-wait for work starve each other),
 and picks one for the whole model; `openblas_linear` runs `x @ W.T (+ b)` on numpy's BLAS.

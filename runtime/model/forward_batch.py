@@ -28,8 +28,9 @@ class ForwardBatch:
       extend_start_loc int64 (B,) offset of each request's first new token in input_ids
     CPU lists (same values, for host-side loops and kernel grids):
       seq_lens_cpu, prefix_lens_cpu, extend_lens_cpu
-    `logits_indices` (B,) picks the row of each request's last new token; requests that want
-    input logprobs set `return_all_logits`, and then logits of every new token are returned.
+    The model runner computes logits only for each request's last new token (row
+    extend_start_loc + extend_lens - 1 of input_ids); when a request wants input logprobs,
+    `return_all_logits` is set and the runner also returns the hidden states of every new token.
     A mixed EXTEND batch ends with `num_decode` decoding requests (one new token each), which a
     backend may attend with its decode path; to any other reader they are plain extend requests.
     """

@@ -6,7 +6,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,9 +16,6 @@ from radixflow.runtime.config import EngineConfig
 from radixflow.runtime.req import Req, ReqStatus
 from radixflow.runtime.request_faults import internal_abort
 from radixflow.runtime.text.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from radixflow.runtime.scheduler.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +103,12 @@ class GrammarManager:
         if not req.grammar.accept_token(token):
             req.finish_reason = {"type": "abort", "message": f"grammar rejected token {token}"}
 
-    def jump_forward(self, reqs: list[Req], sched: Scheduler) -> list[tuple[Req, Exception]]:
+    def jump_forward(self, reqs: list[Req], requeue: Callable[[Req], None]) -> list[tuple[Req, Exception]]:
         """For each running constrained request whose grammar forces text, append it at once.
 
-        The request's KV goes to the radix cache and it re-enters the waiting queue with the
-        retokenized output; re-admission hits the cache for all but the changed tail. Returns
+        `requeue(req)` must hand the request's KV to the radix cache and put it back in the
+        waiting queue; it re-enters with the retokenized output, and re-admission hits the cache
+        for all but the changed tail. Returns
         the requests for which this raised, with the exception (the caller fails them)."""
         failed = []
         for req in reqs:
@@ -120,12 +117,12 @@ class GrammarManager:
             if req.return_logprob:
                 continue  # forced tokens have no sampled distribution to report
             try:
-                self._jump_forward_one(req, sched)
+                self._jump_forward_one(req, requeue)
             except Exception as e:
                 failed.append((req, e))
         return failed
 
-    def _jump_forward_one(self, req: Req, sched: Scheduler) -> None:
+    def _jump_forward_one(self, req: Req, requeue: Callable[[Req], None]) -> None:
         forced = req.grammar.find_jump_forward_string()
         if not forced:
             return
@@ -142,7 +139,7 @@ class GrammarManager:
             return
         if not req.grammar.accept_string(forced):
             return
-        sched.requeue(req)
+        requeue(req)
         del req.output_ids[len(req.output_ids) - k:]
         req.output_ids.extend(new_ids)
         self.jump_forward_tokens += len(new_ids)

@@ -26,6 +26,11 @@ class KVCacheManager:
         self.evicted_tokens = 0
 
     @property
+    def shares_prefixes(self) -> bool:
+        """Whether cached prefixes are shared between requests (False with the radix cache off)."""
+        return self.tree.shares_prefixes
+
+    @property
     def pool_size(self) -> int:
         return self.allocator.num_slots
 
@@ -75,7 +80,7 @@ class KVCacheManager:
     def cache_prefix(self, req: Req) -> None:
         """Insert fill_ids[:kv_len] into the cache mid-flight (after a prefill chunk) and move
         the request's lock to the new, longer path."""
-        if isinstance(self.tree, NoPrefixCache):
+        if not self.tree.shares_prefixes:
             return  # nothing is shared: the request keeps its own slots until it ends
         tokens = req.fill_ids[:req.kv_len]
         slots = self.req_to_token.read(req.row, 0, req.kv_len)

@@ -1,7 +1,10 @@
-"""Continuous batching at iteration level over a radix-cached KV pool.
+"""Continuous batching at iteration level over a radix-cached KV pool: the step loop.
 
-I/O is a seam: `add_request` / `abort_request` / `step()` are plain calls, used directly by the
-offline Engine and fed from ZeroMQ by the server's scheduler process.
+Its parts live beside it, one job each: admission (prefill.py), the new-token ratio
+(token_ratio.py), batch building (batch.py), retraction (retract.py), output collection
+(output.py), KV bookkeeping (kv_cache.py), grammars (grammar_manager.py). I/O is a seam:
+`add_request` / `abort_request` / `step()` / `drain_outputs()` are plain calls, used directly by
+the offline Engine and fed from ZeroMQ by the server's scheduler process.
 """
 
 from __future__ import annotations
@@ -11,73 +14,64 @@ import logging
 import torch
 
 from radixflow.runtime.config import EngineConfig
+from radixflow.runtime.intake import check_prompt
 from radixflow.runtime.io_struct import ReqOutput, TokenizedGenerateReq
-from radixflow.runtime.model.forward_batch import ForwardBatch, ForwardMode
+from radixflow.runtime.model.logprobs import input_logprobs
 from radixflow.runtime.model.model_runner import ModelRunner
-from radixflow.runtime.model.sampler import Sampler, top_logprobs_rows
+from radixflow.runtime.model.sampler import Sampler
 from radixflow.runtime.req import Req, ReqStatus
 from radixflow.runtime.request_faults import internal_error
+from radixflow.runtime.scheduler import retract
+from radixflow.runtime.scheduler.batch import decode_batch, extend_batch
 from radixflow.runtime.scheduler.kv_cache import KVCacheManager
-from radixflow.runtime.scheduler.schedule_policy import InBatchPrefixTracker, SchedulePolicy
+from radixflow.runtime.scheduler.output import OutputCollector
+from radixflow.runtime.scheduler.prefill import PrefillAdder
+from radixflow.runtime.scheduler.runner_contract import Runner
+from radixflow.runtime.scheduler.schedule_policy import SchedulePolicy
+from radixflow.runtime.scheduler.token_ratio import NewTokenRatio
 from radixflow.runtime.text.stop_checker import check_finished
 from radixflow.runtime.text.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-# Share of a running request's remaining max_new_tokens reserved when admitting others; it
-# decays while decoding goes well and jumps after a retraction (SGLang's new_token_ratio).
-_RATIO_INIT, _RATIO_MIN, _RATIO_DECAY, _RATIO_BUMP = 0.5, 0.05, 0.002, 0.2
-_RESERVE_CLIP = 4096
-
-
-class RequestError(ValueError):
-    """A request the engine can never serve (too long, bad ids, bad parameters)."""
-
 
 class Scheduler:
-    """Owns the model runner, KV memory, prefix cache and every request's state."""
+    """Owns the KV bookkeeping, the prefix cache and every request's state; runs one batch of
+    its model runner per step."""
 
-    def __init__(self, config: EngineConfig, model_path: str, tokenizer: Tokenizer | None = None) -> None:
+    def __init__(self, config: EngineConfig, runner: Runner, tokenizer: Tokenizer | None = None) -> None:
         self.config = config
-        self.runner = ModelRunner(config, model_path)
-        self.tokenizer = tokenizer or Tokenizer.from_pretrained(config.tokenizer or model_path)
-        self.context_length = self.runner.context_length
-        self.cache = KVCacheManager(self.runner.allocator, self.runner.req_to_token_pool,
-                                    config.disable_radix_cache)
+        self.runner = runner
+        self.tokenizer = tokenizer or Tokenizer.from_pretrained(config.tokenizer or runner.model_path)
+        self.context_length = runner.context_length
+        self.cache = KVCacheManager(runner.allocator, runner.req_to_token_pool, config.disable_radix_cache)
         self.policy = SchedulePolicy(config.schedule_policy, self.cache)
+        self.ratio = NewTokenRatio()
+        self.adder = PrefillAdder(config, self.cache, self.policy, self.ratio)
         self.sampler = Sampler()
-        self.eos_ids = set(self.tokenizer.eos_token_ids) | set(self.runner.model_config.eos_token_ids)
+        self.outputs = OutputCollector()
+        self.eos_ids = set(self.tokenizer.eos_token_ids) | set(runner.model_config.eos_token_ids)
         self.waiting: list[Req] = []
         self.running: list[Req] = []  # admitted, prefill done, decoding
         self.chunked: Req | None = None  # admitted, prefill not finished
         self.reqs: dict[str, Req] = {}
-        self.outbox: list[ReqOutput] = []
-        self.new_token_ratio = _RATIO_INIT
         self.last_was_extend = False
         self.grammar = None  # GrammarManager, created on first constrained request
         self.stats = {"retractions": 0, "steps": 0, "extend_steps": 0, "decode_steps": 0, "mixed_steps": 0,
                       "prompt_tokens": 0, "computed_prompt_tokens": 0, "cached_tokens": 0,
                       "generated_tokens": 0}
 
+    @classmethod
+    def from_model_path(cls, config: EngineConfig, model_path: str, tokenizer: Tokenizer | None = None) -> Scheduler:
+        """A scheduler on a freshly loaded `ModelRunner(config, model_path)`."""
+        return cls(config, ModelRunner(config, model_path), tokenizer)
+
     # ---- I/O seam -------------------------------------------------------------------------
 
     def validate(self, input_ids: list[int], max_new_tokens: int) -> None:
-        """Raise RequestError if a request could never be served."""
-        if not input_ids:
-            raise RequestError("the prompt is empty: at least one input token is required")
-        V = self.runner.vocab_size
-        bad = [t for t in input_ids if not 0 <= t < V]
-        if bad:
-            raise RequestError(f"input token id {bad[0]} is out of range [0, {V})")
-        n = len(input_ids)
-        if n >= self.context_length:
-            raise RequestError(f"the prompt has {n} tokens; this model's context length is "
-                               f"{self.context_length} (context_length_exceeded)")
-        if n + max_new_tokens > self.context_length:
-            raise RequestError(f"prompt ({n} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                               f"context length {self.context_length} (context_length_exceeded)")
-        if n + 1 > self.cache.pool_size:
-            raise RequestError(f"the prompt ({n} tokens) does not fit the KV pool ({self.cache.pool_size})")
+        """Raise RequestError (runtime/intake.py) if a request could never be served."""
+        check_prompt(input_ids, max_new_tokens, vocab_size=self.runner.vocab_size,
+                     context_length=self.context_length, pool_size=self.cache.pool_size)
 
     def add_request(self, r: TokenizedGenerateReq) -> None:
         """Queue a request; an invalid one is answered at once with an abort output."""
@@ -109,6 +103,31 @@ class Scheduler:
         req = self.reqs.get(rid)
         if req is not None:
             self._abort(req, message)
+
+    def refuse(self, rid: str, prompt_tokens: int, message: str) -> None:
+        """Answer a request that `add_request` raised on with an abort carrying `message`,
+        undoing whatever it had queued; exactly one abort output for rid is produced."""
+        if rid in self.reqs:
+            try:
+                self.abort_request(rid, message)
+            except Exception:
+                logger.exception("could not abort %s", rid)
+                self.reqs.pop(rid, None)
+            if self.outputs.has_output_for(rid):
+                return
+        self.outputs.emit_error(rid, prompt_tokens, message)
+
+    def has_request(self, rid: str) -> bool:
+        """Whether rid is queued, running, or waiting for its grammar."""
+        return rid in self.reqs
+
+    def request_ids(self) -> list[str]:
+        """The ids of every request not finished yet."""
+        return list(self.reqs)
+
+    def drain_outputs(self) -> list[ReqOutput]:
+        """Outputs produced outside `step()` (refusals, aborts) since the last step or drain."""
+        return self.outputs.drain()
 
     def _fail(self, req: Req, what: str, exc: BaseException) -> None:
         """End one request after `exc` while handling it (stage `what`): its KV is freed and it is
@@ -155,8 +174,7 @@ class Scheduler:
         elif self.running:
             self._run_decode()
             self.last_was_extend = False
-        out, self.outbox = self.outbox, []
-        return out
+        return self.outputs.drain()
 
     def flush_cache(self) -> tuple[bool, str]:
         if self.has_work():
@@ -185,119 +203,37 @@ class Scheduler:
     def check_invariant(self) -> None:
         self.cache.check_invariant(self._active())
 
-    # ---- admission ------------------------------------------------------------------------
+    # ---- admission, forward, results --------------------------------------------------------
 
     def _active(self) -> list[Req]:
         return self.running + ([self.chunked] if self.chunked else [])
 
-    def _reserved(self) -> int:
-        """KV tokens kept back for running requests' future decode steps."""
-        return int(sum(min(r.remaining_new_tokens, _RESERVE_CLIP) for r in self.running) * self.new_token_ratio)
-
     def _prefill_batch(self) -> list[tuple[Req, int]] | None:
         """(request, tokens to compute this step) pairs, chunked continuation first."""
-        if not self.waiting and self.chunked is None:
+        prefill = self.adder.build(self.waiting, self.running, self.chunked)
+        if prefill is None:
             return None
-        chunk = self.config.chunked_prefill_size if self.config.chunked_prefill_size > 0 else 1 << 30
-        budget = min(self.config.max_prefill_tokens, chunk)
-        avail = self.cache.available_tokens() - self._reserved()
-        batch: list[tuple[Req, int]] = []
-        if self.chunked is not None:
-            req = self.chunked
-            n = min(req.seq_len - req.kv_len, budget)
-            if self.cache.extend(req, n) is None:
-                return None
-            batch.append((req, n))
-            budget -= n
-            avail -= n
-        slots_left = self.config.max_running_requests - len(self.running) - len(batch)
-        if not self.waiting or budget <= 0 or slots_left <= 0:
-            return batch or None
-        tracker = InBatchPrefixTracker(self.waiting)
-        if self.chunked is not None:  # its uncached remainder is being computed: others wait for it
-            tracker.add(self.chunked.fill_ids)
-        admitted: list[Req] = []
-        for req, match in self.policy.order(self.waiting):
-            if slots_left <= 0 or budget <= 0:
-                break
-            fill = req.fill_ids
-            need = len(fill) - match.length
-            if not self.config.disable_radix_cache and tracker.shares_uncached_prefix(fill, match.length):
-                continue  # another request in this batch computes the shared part first
-            n = min(need, budget)
-            chunked = n < need
-            if chunked and self.chunked is not None:
-                break  # one chunked prefill at a time
-            # Room for future decode tokens; an idle engine always admits one request (retraction
-            # covers it if it grows beyond the pool later), so nothing can wait forever.
-            idle = not self.running and not batch
-            future = 0 if chunked or idle else min(req.remaining_new_tokens, _RESERVE_CLIP) * self.new_token_ratio
-            if n + future > avail:
-                break
-            if not self.cache.admit(req, match):
-                break
-            if self.cache.extend(req, n) is None:
-                self.cache.release(req)
-                break
-            if not req.admitted_once:
-                req.admitted_once = True
-                req.cached_tokens = match.length
-                self.cache.tree.record_hit(match.length, len(fill))
-                self.stats["cached_tokens"] += match.length
-                self.stats["prompt_tokens"] += req.prompt_len
-            req.status = ReqStatus.RUNNING
-            tracker.add(fill)
-            batch.append((req, n))
-            admitted.append(req)
-            budget -= n
-            avail -= n + future
-            slots_left -= 1
-            if chunked:
-                self.chunked = req
-        for req in admitted:
+        self.chunked = prefill.chunked
+        for req in prefill.admitted:
             self.waiting.remove(req)
-        return batch or None
-
-    # ---- forward + results ----------------------------------------------------------------
+        self.stats["cached_tokens"] += prefill.cached_tokens
+        self.stats["prompt_tokens"] += prefill.prompt_tokens
+        return prefill.items
 
     def _run_extend(self, batch: list[tuple[Req, int]]) -> bool:
         """Prefill `batch` (and decode the running requests along, unless disabled or out of
         room). Returns whether the running requests were decoded."""
-        ids, rows, prefix, ext, locs = [], [], [], [], []
-        for req, n in batch:
-            fill = req.fill_ids
-            ids.extend(fill[req.kv_len:req.kv_len + n])
-            rows.append(req.row)
-            prefix.append(req.kv_len)
-            ext.append(n)
-            locs.append(self.cache.req_to_token.read(req.row, req.kv_len, req.kv_len + n))
-        n_prompt = len(ids)
-        # Mixed batch: running requests decode their next token in the same forward (a few more
-        # rows of a large matmul cost little), when the pool has a slot for each of them.
-        decoding = list(self.running) if not self.config.disable_mixed_batch else []
-        dec_locs = self.cache.alloc(len(decoding)) if decoding else None
-        if dec_locs is None:
-            decoding = []
-        for r, loc in zip(decoding, dec_locs if decoding else []):
-            self.cache.req_to_token.write(r.row, r.kv_len, loc.view(1))
-            ids.append(r.output_ids[-1])
-            rows.append(r.row)
-            prefix.append(r.kv_len)
-            ext.append(1)
-        if decoding:
-            locs.append(dec_locs)
-        want_input_lp = any(not r.input_logprobs_done for r, _ in batch)
-        fb = ForwardBatch.build(ForwardMode.EXTEND, ids, rows, prefix, ext, torch.cat(locs),
-                                self.runner.device, return_all_logits=want_input_lp, num_decode=len(decoding))
+        fb, decoding = extend_batch(batch, self.running, self.cache, self.runner.device,
+                                    mixed=not self.config.disable_mixed_batch)
         last_logits, hidden = self.runner.forward(fb)
         self.stats["extend_steps"] += 1
         self.stats["steps"] += 1
-        self.stats["computed_prompt_tokens"] += n_prompt
+        self.stats["computed_prompt_tokens"] += sum(n for _, n in batch)
         if decoding:
             self.stats["mixed_steps"] += 1
             for r in decoding:
                 r.kv_len += 1
-            self.new_token_ratio = max(_RATIO_MIN, self.new_token_ratio - _RATIO_DECAY)
+            self.ratio.decay()
             self._sample_and_append(last_logits[len(batch):], decoding)
         self._finish_prefill(batch, last_logits, hidden)
         return bool(decoding)
@@ -345,49 +281,24 @@ class Scheduler:
         reqs = list(self.running)
         if not reqs:
             return
-        locs = self.cache.alloc(len(reqs))
-        assert locs is not None, "decode room was ensured"
-        for r, loc in zip(reqs, locs):
-            self.cache.req_to_token.write(r.row, r.kv_len, loc.view(1))
-        fb = ForwardBatch.build(ForwardMode.DECODE, [r.output_ids[-1] for r in reqs], [r.row for r in reqs],
-                                [r.kv_len for r in reqs], [1] * len(reqs), locs, self.runner.device)
-        logits, _ = self.runner.forward(fb)
+        logits, _ = self.runner.forward(decode_batch(reqs, self.cache, self.runner.device))
         for r in reqs:
             r.kv_len += 1
         self.stats["decode_steps"] += 1
         self.stats["steps"] += 1
-        self.new_token_ratio = max(_RATIO_MIN, self.new_token_ratio - _RATIO_DECAY)
+        self.ratio.decay()
         self._sample_and_append(logits, reqs)
 
     def _ensure_decode_room(self) -> None:
         """Evict, then retract the least-advanced requests until every running one gets a slot."""
-        while self.running and self.cache.available_tokens() < len(self.running):
-            if len(self.running) == 1 and self.chunked is None:
-                break
-            victim = min(self.running, key=lambda r: (len(r.output_ids), -r.prompt_len))
-            self.requeue(victim)
-            victim.retractions += 1
-            self.stats["retractions"] += 1
-            self.new_token_ratio = min(1.0, self.new_token_ratio + _RATIO_BUMP)
-            logger.info("retracted %s to free KV (%d running left)", victim.rid, len(self.running))
-        if self.running and self.cache.available_tokens() < len(self.running) and self.chunked is not None:
-            # Last resort: pause the chunked prefill; its computed part stays in the cache.
-            req, self.chunked = self.chunked, None
-            self.cache.release(req)
-            if not req.input_logprobs_done:  # they will be recomputed from the start
-                req.pending_input_logprobs, req.pending_input_top = [], []
-            req.status = ReqStatus.WAITING
-            self.waiting.insert(0, req)
-            self.stats["retractions"] += 1
+        self.chunked, retracted = retract.ensure_decode_room(self.running, self.waiting, self.chunked,
+                                                             self.cache, self.ratio)
+        self.stats["retractions"] += retracted
 
     def requeue(self, req: Req) -> None:
         """Take a running request back to the front of the waiting queue; its KV goes to the
         prefix cache, so re-admission recomputes little (retraction, jump-forward)."""
-        if req in self.running:
-            self.running.remove(req)
-        self.cache.release(req)
-        req.status = ReqStatus.WAITING
-        self.waiting.insert(0, req)
+        retract.requeue(req, self.running, self.waiting, self.cache)
 
     def _sample_and_append(self, logits: torch.Tensor, reqs: list[Req]) -> None:
         mask_fn = self.grammar.mask_fn(reqs) if self.grammar is not None else None
@@ -418,7 +329,7 @@ class Scheduler:
             elif req.stream and (len(req.output_ids) - req.sent_len) >= self.config.stream_interval:
                 self._emit(req)
         if self.grammar is not None and not self.config.disable_jump_forward:
-            for req, e in self.grammar.jump_forward([r for r in reqs if not r.finished], self):
+            for req, e in self.grammar.jump_forward([r for r in reqs if not r.finished], self.requeue):
                 self._fail(req, "jump-forward", e)
 
     def _finish(self, req: Req) -> None:
@@ -430,46 +341,17 @@ class Scheduler:
 
     def _input_logprobs(self, req: Req, hidden: torch.Tensor, start: int) -> None:
         """Logprobs of input tokens predicted by this chunk's rows (positions start..start+n-1)."""
-        fill, P = req.fill_ids, req.prompt_len
-        first = req.logprob_start_len
-        if start == 0 and first == 0:
-            req.pending_input_logprobs.append((None, fill[0]))
-            req.pending_input_top.append(None)
-        q_lo, q_hi = max(start + 1, first, 1), min(start + hidden.shape[0] + 1, P)
-        if q_lo >= q_hi:
-            return
-        rows = hidden[q_lo - 1 - start:q_hi - 1 - start]
-        lp = self.runner.model.compute_logits(rows).log_softmax(dim=-1)
-        targets = torch.tensor(fill[q_lo:q_hi], device=lp.device)
-        chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
-        tops = top_logprobs_rows(lp, req.top_logprobs_num)
-        req.pending_input_logprobs.extend(zip(chosen, fill[q_lo:q_hi]))
-        req.pending_input_top.extend(tops)
+        input_logprobs(req, hidden, start, self.runner.model.compute_logits)
 
     # ---- outputs ----------------------------------------------------------------------------
 
     def _emit(self, req: Req) -> None:
-        new = req.output_ids[req.sent_len:]
-        req.sent_len = len(req.output_ids)
-        out = ReqOutput(
-            rid=req.rid, new_token_ids=new, finish_reason=req.finish_reason,
-            prompt_tokens=req.prompt_len, completion_tokens=len(req.output_ids),
-            cached_tokens=req.cached_tokens, matched_stop_str=req.matched_stop_str)
-        if req.return_logprob:
-            if req.pending_input_logprobs or req.pending_input_top:
-                out.input_token_logprobs = req.pending_input_logprobs
-                out.input_top_logprobs = req.pending_input_top
-                req.pending_input_logprobs, req.pending_input_top = [], []
-            out.output_token_logprobs, req.pending_output_logprobs = req.pending_output_logprobs, []
-            out.output_top_logprobs, req.pending_output_top = req.pending_output_top, []
-        self.outbox.append(out)
+        self.outputs.emit(req)
         if req.finished:
             self.reqs.pop(req.rid, None)
 
     def _emit_error(self, rid: str, prompt_tokens: int, message: str) -> None:
-        self.outbox.append(ReqOutput(rid=rid, new_token_ids=[], prompt_tokens=prompt_tokens,
-                                     completion_tokens=0, cached_tokens=0,
-                                     finish_reason={"type": "abort", "message": message}))
+        self.outputs.emit_error(rid, prompt_tokens, message)
 
     # ---- grammars (wired in by radixflow.runtime.scheduler.grammar_manager) ----------------------------
 

@@ -19,7 +19,7 @@ import typing
 from typing import Any
 
 from radixflow.runtime.config import EngineConfig
-from radixflow.runtime.server.serve import ServerArgs
+from radixflow.runtime.server.args import ServerArgs
 
 _HELP = {
     "max_total_tokens": "KV pool size in tokens (default: a share of free memory)",

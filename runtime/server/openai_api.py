@@ -8,7 +8,6 @@ ebnf, json_schema, min_tokens, stop_token_ids, ...) pass through to SamplingPara
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,33 +17,22 @@ import jinja2
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from radixflow.runtime.server.app import (
-    SSE_DONE,
-    abort_on_disconnect,
-    finite,
-    read_json,
-    sse,
-    stream_preflight,
+from radixflow.runtime.server.openai_protocol import (
+    CHAT_KEYS,
+    COMPLETION_KEYS,
+    bool_field,
+    chat_messages,
+    completion_prompts,
+    finish_reason,
+    int_field,
+    parse_object,
+    sampling_fields,
 )
+from radixflow.runtime.server.sse import SSE_DONE, abort_on_disconnect, finite, read_json, sse, stream_preflight
 from radixflow.runtime.server.tokenizer_manager import APIError, Submission, TokenizerManager, bad_request
 
 if TYPE_CHECKING:
-    from radixflow.runtime.server.serve import ServerArgs
-
-# OpenAI name -> SamplingParams name, for fields passed through as they are.
-_PASS_THROUGH = {"temperature": "temperature", "top_p": "top_p", "n": "n", "stop": "stop", "seed": "seed",
-                 "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
-                 "logit_bias": "logit_bias", "top_k": "top_k", "min_p": "min_p",
-                 "repetition_penalty": "repetition_penalty", "ignore_eos": "ignore_eos", "regex": "regex",
-                 "ebnf": "ebnf", "json_schema": "json_schema", "min_tokens": "min_new_tokens",
-                 "stop_token_ids": "stop_token_ids", "skip_special_tokens": "skip_special_tokens",
-                 "no_stop_trim": "no_stop_trim", "spaces_between_special_tokens": "spaces_between_special_tokens"}
-_COMMON_KEYS = set(_PASS_THROUGH) | {"model", "max_tokens", "stream", "stream_options", "user", "logprobs",
-                                     "response_format"}
-_COMPLETION_KEYS = _COMMON_KEYS | {"prompt", "echo", "best_of", "suffix"}
-_CHAT_KEYS = _COMMON_KEYS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
-                             "parallel_tool_calls", "store", "metadata", "service_tier", "chat_template_kwargs"}
-_ROLES = {"system", "developer", "user", "assistant", "tool"}
+    from radixflow.runtime.server.args import ServerArgs
 
 
 def openai_router(tm: TokenizerManager, args: ServerArgs, model_name: str) -> APIRouter:
@@ -74,7 +62,7 @@ def openai_router(tm: TokenizerManager, args: ServerArgs, model_name: str) -> AP
 
     @router.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        body = _object(await read_json(request, args.max_request_bytes), _COMPLETION_KEYS)
+        body = parse_object(await read_json(request, args.max_request_bytes), COMPLETION_KEYS)
         check_model(body)
         call = _Completion(tm, body, model_name)
         await call.prepare()
@@ -82,48 +70,13 @@ def openai_router(tm: TokenizerManager, args: ServerArgs, model_name: str) -> AP
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        body = _object(await read_json(request, args.max_request_bytes), _CHAT_KEYS)
+        body = parse_object(await read_json(request, args.max_request_bytes), CHAT_KEYS)
         check_model(body)
         call = _Chat(tm, body, model_name)
         await call.prepare()
         return await call.respond(request)
 
     return router
-
-
-# ---- parsing helpers ------------------------------------------------------------------------
-
-
-def _object(body: Any, keys: set[str]) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object")
-    unknown = sorted(set(body) - keys)
-    if unknown:
-        raise bad_request(f"unrecognized request argument(s): {', '.join(unknown)}", param=unknown[0])
-    return body
-
-
-def _int(body: dict[str, Any], key: str, default: int | None, lo: int, hi: int | None = None) -> int | None:
-    v = body.get(key)
-    if v is None:
-        return default
-    if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
-        bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise bad_request(f"{key} must be an integer {bounds}, got {v!r}", param=key)
-    return v
-
-
-def _bool(body: dict[str, Any], key: str, default: bool) -> bool:
-    v = body.get(key, default)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise bad_request(f"{key} must be a boolean", param=key)
-    return v
-
-
-def _finish(fr: dict[str, Any] | None) -> str | None:
-    return None if fr is None else {"stop": "stop", "length": "length"}.get(fr.get("type"), "abort")
 
 
 class _Call:
@@ -136,35 +89,16 @@ class _Call:
         self.tm, self.body, self.model_name = tm, body, model_name
         self.id = f"{self.prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.stream = _bool(body, "stream", False)
+        self.stream = bool_field(body, "stream", False)
         opts = body.get("stream_options")
         if opts is not None and (not isinstance(opts, dict) or not self.stream):
             raise bad_request("stream_options must be an object and needs stream=true", param="stream_options")
-        self.include_usage = _bool(opts or {}, "include_usage", False)
+        self.include_usage = bool_field(opts or {}, "include_usage", False)
         self.sub: Submission | None = None
         self.n_prompts = 0
 
     def sampling(self, max_tokens: int | None) -> dict[str, Any]:
-        sp = {dst: self.body[src] for src, dst in _PASS_THROUGH.items() if self.body.get(src) is not None}
-        if max_tokens is not None:
-            sp["max_new_tokens"] = max_tokens
-        rf = self.body.get("response_format")
-        if rf is not None:
-            if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
-                raise bad_request("response_format.type must be text, json_object or json_schema",
-                                  param="response_format")
-            if rf["type"] == "json_object":
-                sp["json_schema"] = json.dumps({"type": "object"})
-            elif rf["type"] == "json_schema":
-                spec = rf.get("json_schema")
-                schema = spec.get("schema", spec.get("schema_")) if isinstance(spec, dict) else None
-                if not isinstance(schema, (dict, bool)):
-                    raise bad_request("response_format.json_schema.schema must be a JSON schema object",
-                                      param="response_format")
-                if "json_schema" in sp:
-                    raise bad_request("give json_schema or response_format, not both", param="response_format")
-                sp["json_schema"] = json.dumps(schema)
-        return sp
+        return sampling_fields(self.body, max_tokens)
 
     async def respond(self, request: Request) -> Response:
         sub = self.sub = self.tm.submit(self.prepared)
@@ -231,7 +165,7 @@ class _Call:
                         yield sse(finite(self.chunk(i, self.text_delta(delta), lp, None)))
                     if fr is not None:
                         finals[i] = res
-                        yield sse(self.chunk(i, self.final_delta(), None, _finish(fr)))
+                        yield sse(self.chunk(i, self.final_delta(), None, finish_reason(fr)))
                 if self.include_usage:
                     usage = self.usage([r for r in finals if r is not None]) if all(finals) else None
                     yield sse({"id": self.id, "object": self.chunk_kind, "created": self.created,
@@ -271,15 +205,15 @@ class _Completion(_Call):
 
     async def prepare(self) -> None:
         b = self.body
-        prompts = _completion_prompts(b.get("prompt"))
+        prompts = completion_prompts(b.get("prompt"))
         if b.get("suffix") not in (None, ""):
             raise bad_request("suffix is not supported", param="suffix")
-        n = _int(b, "n", 1, 1)
+        n = int_field(b, "n", 1, 1)
         if b.get("best_of") is not None and b["best_of"] != n:
             raise bad_request("best_of is not supported (it must equal n)", param="best_of")
-        self.echo = _bool(b, "echo", False)
-        self.top_n = _int(b, "logprobs", None, 0, self.tm.args.max_top_logprobs)
-        max_tokens = _int(b, "max_tokens", 16, 0)
+        self.echo = bool_field(b, "echo", False)
+        self.top_n = int_field(b, "logprobs", None, 0, self.tm.args.max_top_logprobs)
+        max_tokens = int_field(b, "max_tokens", 16, 0)
         self.n_prompts = len(prompts)
         rids = [self.id] if len(prompts) == 1 else [f"{self.id}-p{i}" for i in range(len(prompts))]
         self.prepared = await self.tm.prepare(
@@ -306,7 +240,7 @@ class _Completion(_Call):
         if lp is not None:
             lp.pop("_count")
         return {"index": i, "text": echo + res["text"], "logprobs": lp,
-                "finish_reason": _finish(res["meta_info"].get("finish_reason"))}
+                "finish_reason": finish_reason(res["meta_info"].get("finish_reason"))}
 
     def logprobs(self, res: dict[str, Any], skip: int) -> dict[str, Any] | None:
         """OpenAI legacy logprobs (tokens, token_logprobs, top_logprobs, text_offset), from entry
@@ -329,20 +263,6 @@ class _Completion(_Call):
                 "text_offset": offsets, "_count": len(entries)}
 
 
-def _completion_prompts(prompt: Any) -> list[str | list[int]]:
-    def is_ids(x: Any) -> bool:
-        return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
-
-    if isinstance(prompt, str):
-        return [prompt]
-    if is_ids(prompt):
-        return [prompt]
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) or is_ids(p) for p in prompt):
-        return list(prompt)
-    raise bad_request("prompt must be a non-empty string, a list of strings, a list of token ids or a list of such "
-                      "lists", param="prompt")
-
-
 class _Chat(_Call):
     kind = "chat.completion"
     chunk_kind = "chat.completion.chunk"
@@ -354,7 +274,7 @@ class _Chat(_Call):
             raise bad_request("tools are not supported by this server", param="tools")
         if b.get("tool_choice") not in (None, "none"):
             raise bad_request("tool_choice is not supported by this server", param="tool_choice")
-        messages = _messages(b.get("messages"))
+        messages = chat_messages(b.get("messages"))
         kwargs = b.get("chat_template_kwargs") or {}
         if not isinstance(kwargs, dict):
             raise bad_request("chat_template_kwargs must be an object", param="chat_template_kwargs")
@@ -363,13 +283,13 @@ class _Chat(_Call):
         except (jinja2.TemplateError, TypeError, ValueError) as e:
             raise bad_request(f"the chat template rejected the messages: {e}", param="messages") from None
         ids = await self.tm.encode(text, add_special_tokens=False)  # the template wrote the special tokens
-        self.want_lp = _bool(b, "logprobs", False)
-        self.top_n = _int(b, "top_logprobs", None, 0, self.tm.args.max_top_logprobs)
+        self.want_lp = bool_field(b, "logprobs", False)
+        self.top_n = int_field(b, "top_logprobs", None, 0, self.tm.args.max_top_logprobs)
         if self.top_n is not None and not self.want_lp:
             raise bad_request("top_logprobs needs logprobs=true", param="top_logprobs")
-        max_tokens = _int(b, "max_completion_tokens", None, 1)
+        max_tokens = int_field(b, "max_completion_tokens", None, 1)
         if max_tokens is None:
-            max_tokens = _int(b, "max_tokens", None, 1)
+            max_tokens = int_field(b, "max_tokens", None, 1)
         if max_tokens is None:
             max_tokens = max(0, min(self.tm.max_new_tokens_limit, self.tm.context_length - len(ids)))
         sp = self.sampling(max_tokens)
@@ -401,7 +321,7 @@ class _Chat(_Call):
         if lp is not None:
             lp.pop("_count")
         return {"index": i, "message": {"role": "assistant", "content": res["text"]}, "logprobs": lp,
-                "finish_reason": _finish(res["meta_info"].get("finish_reason"))}
+                "finish_reason": finish_reason(res["meta_info"].get("finish_reason"))}
 
     def logprobs(self, res: dict[str, Any], skip: int) -> dict[str, Any] | None:
         if not self.want_lp:
@@ -419,26 +339,3 @@ class _Chat(_Call):
                 "_count": len(entries)}
 
 
-def _messages(messages: Any) -> list[dict[str, Any]]:
-    """Validated chat messages, multi-part text content joined, `developer` read as `system`."""
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("messages must be a non-empty list", param="messages")
-    out = []
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in _ROLES:
-            raise bad_request(f"each message needs a role in {sorted(_ROLES)}", param="messages")
-        content = m.get("content")
-        if isinstance(content, list):
-            parts = []
-            for p in content:
-                if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
-                    raise bad_request("only text content parts are supported", param="messages")
-                parts.append(p["text"])
-            content = "\n".join(parts)
-        elif content is None:
-            content = ""
-        elif not isinstance(content, str):
-            raise bad_request("message content must be a string or a list of text parts", param="messages")
-        role = "system" if m["role"] == "developer" else m["role"]
-        out.append({**{k: v for k, v in m.items() if k not in ("role", "content")}, "role": role, "content": content})
-    return out

@@ -30,7 +30,6 @@ from radixflow.runtime.io_struct import (
     Heartbeat,
     InfoOut,
     RegisterReq,
-    ReqOutput,
     TokenizedGenerateReq,
 )
 from radixflow.runtime.server.launch import bind_pull, parent_alive, prepare_child
@@ -81,7 +80,7 @@ def run_scheduler_process(config: EngineConfig, model_path: str, in_addr: str, o
         from radixflow.runtime.text.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_pretrained(config.tokenizer or model_path)
-        sched = Scheduler(config, model_path, tokenizer)
+        sched = Scheduler.from_model_path(config, model_path, tokenizer)
         ctx = zmq.Context()
         pull = bind_pull(ctx, in_addr)
         push = ctx.socket(zmq.PUSH)
@@ -113,7 +112,7 @@ def _serve(sched: Any, pull: zmq.Socket, push: zmq.Socket, step_log: _StepLogger
             for item in msg if isinstance(msg, list) else [msg]:
                 _handle(sched, item, out)
         try:
-            outputs = sched.step() if sched.has_work() else _take_outbox(sched)
+            outputs = sched.step() if sched.has_work() else sched.drain_outputs()
         except Exception:
             logger.exception("scheduler step failed; failing every request and exiting")
             _fail_all(sched, push, out)
@@ -150,29 +149,15 @@ def _handle(sched: Any, item: Any, out: list[Any]) -> None:
 
 def _refuse(sched: Any, item: TokenizedGenerateReq, message: str) -> None:
     """Answer a request that add_request choked on with an abort, undoing what it queued."""
-    if item.rid in sched.reqs:
-        try:
-            sched.abort_request(item.rid, message)
-        except Exception:
-            logger.exception("could not abort %s", item.rid)
-            sched.reqs.pop(item.rid, None)
-        if any(o.rid == item.rid for o in sched.outbox):
-            return
-    sched.outbox.append(ReqOutput(rid=item.rid, new_token_ids=[], finish_reason={"type": "abort", "message": message},
-                                  prompt_tokens=len(item.input_ids), completion_tokens=0, cached_tokens=0))
-
-
-def _take_outbox(sched: Any) -> list:
-    outputs, sched.outbox = sched.outbox, []
-    return outputs
+    sched.refuse(item.rid, len(item.input_ids), message)
 
 
 def _fail_all(sched: Any, push: zmq.Socket, out: list[Any]) -> None:
     """Best effort after a crash: tell every client its request failed before exiting."""
-    for rid in list(sched.reqs):
+    for rid in sched.request_ids():
         try:
             sched.abort_request(rid, "internal server error: the scheduler crashed")
         except Exception:  # the state may be corrupt; the process exits right after
             logger.exception("could not abort %s", rid)
-    out.append(BatchOutput(_take_outbox(sched)))
+    out.append(BatchOutput(sched.drain_outputs()))
     push.send_pyobj(out)

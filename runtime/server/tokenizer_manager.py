@@ -5,10 +5,9 @@ Lifecycle of one HTTP call: `prepare(...)` (raises APIError on bad input, touche
 `submit(prepared)` (raises APIError 503 when over capacity; sends) -> `results()` / `wait()` ->
 `close()` in a `finally` (aborts whatever has not finished: the client went away or failed).
 
-Liveness: every message from the pipeline (results, replies, the scheduler's `Heartbeat`s) counts
-as progress; `health()` reports a stall once requests have been in flight for
-`args.watchdog_timeout` s without any. A monitor task aborts requests older than
-`args.request_timeout` (their callers get 504).
+Liveness: `health()` reports a dead process, shutdown, or a stalled pipeline (liveness.py). A
+monitor task aborts requests older than `args.request_timeout` (their callers get 504). The
+per-request state and the API error live in request_state.py.
 """
 
 from __future__ import annotations
@@ -19,13 +18,12 @@ import contextlib
 import logging
 import pickle
 import time
-import uuid
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import zmq
 import zmq.asyncio
 
+from radixflow.runtime.intake import GenerateOptions, RequestError, abort_result, check_prompt, fan_out
 from radixflow.runtime.io_struct import (
     AbortReq,
     FlushCacheOut,
@@ -36,92 +34,23 @@ from radixflow.runtime.io_struct import (
     RegisterReq,
     TokenizedGenerateReq,
 )
-from radixflow.runtime.sampling_params import SamplingParams, copy_seed
+from radixflow.runtime.sampling_params import SamplingParams
 from radixflow.runtime.server.launch import bind_pull
+from radixflow.runtime.server.liveness import StallWatch
 from radixflow.runtime.server.metrics import ServerMetrics
+from radixflow.runtime.server.request_state import APIError, Prepared, ReqState, Submission, bad_request
 from radixflow.runtime.text.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
+    from radixflow.runtime.server.args import ServerArgs
     from radixflow.runtime.server.launch import IpcAddresses
-    from radixflow.runtime.server.serve import ServerArgs
 
 logger = logging.getLogger(__name__)
 
 _THREADED_TOKENIZE_CHARS = 16384  # tokenize longer prompts off the event loop
 _MONITOR_S = 1.0  # how often in-flight requests are checked against the request timeout
-
-
-class APIError(Exception):
-    """An error answered to the client as `{"error": {"message", "type", "code", "param"}}`."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
-
-
-def bad_request(message: str, code: str | None = None, param: str | None = None) -> APIError:
-    return APIError(400, message, "invalid_request_error", code, param)
-
-
-@dataclass
-class Prepared:
-    """Validated requests of one HTTP call: n copies of each prompt, in prompt order."""
-
-    reqs: list[TokenizedGenerateReq]
-    registers: list[RegisterReq]
-    prompt_index: list[int]  # for each request, the index of its prompt
-    groups: dict[str, list[str]]  # a caller-given rid -> the rids of its n > 1 copies
-
-
-@dataclass(eq=False)
-class ReqState:
-    """What the HTTP process knows about one in-flight request. `result` is the latest
-    cumulative native result dict; `seq` counts updates."""
-
-    rid: str
-    stream: bool
-    event: asyncio.Event
-    created: float
-    result: dict[str, Any] | None = None
-    seq: int = 0
-    finished: bool = False
-    aborted_by_user: bool = False  # /abort_request: the abort result is a normal answer
-    failed: bool = False  # the server failed it (a process died, shutdown)
-    timed_out: bool = False  # aborted after args.request_timeout
-    tokens_seen: int = 0
-    last_at: float = 0.0
-
-
-@dataclass(eq=False)
-class Submission:
-    states: list[ReqState]
-    prompt_index: list[int]
-    groups: dict[str, list[str]]
-    event: asyncio.Event = field(default_factory=asyncio.Event)
-    disconnected: bool = False  # the client went away; its requests were aborted
-
-    def error(self) -> APIError | None:
-        """The APIError for the first request that failed (not aborted by the user), or None."""
-        for st in self.states:
-            fr = (st.result or {}).get("meta_info", {}).get("finish_reason") or {}
-            if fr.get("type") != "abort" or st.aborted_by_user:
-                continue
-            msg = fr.get("message") or "request aborted"
-            if st.timed_out:
-                return APIError(504, msg, "server_error", "request_timeout")
-            if st.failed:
-                return APIError(503, msg, "server_error", "service_unavailable")
-            if msg.startswith("internal"):
-                return APIError(500, msg, "server_error", "internal_error")
-            code = "context_length_exceeded" if "context_length_exceeded" in msg else None
-            return bad_request(msg, code)
-        return None
 
 
 class TokenizerManager:
@@ -153,8 +82,7 @@ class TokenizerManager:
         self.unhealthy: str | None = None
         self.receiver: asyncio.Task | None = None
         self._monitor: asyncio.Task | None = None
-        self._heard_at = time.monotonic()  # the last message from the pipeline, or work began
-        self._stalled = False
+        self._watch = StallWatch(args.watchdog_timeout)
 
     def start(self) -> None:
         """Start the receive loop and the request monitor (call from the running event loop)."""
@@ -188,41 +116,43 @@ class TokenizerManager:
         rids = rids if rids is not None else [None] * len(prompts)
         if len(rids) != len(prompts):
             raise bad_request(f"{len(rids)} rids for {len(prompts)} prompts")
-        if not isinstance(return_logprob, bool):
-            raise bad_request("return_logprob must be a boolean")
-        if not isinstance(logprob_start_len, int) or isinstance(logprob_start_len, bool) or logprob_start_len < -1:
-            raise bad_request("logprob_start_len must be an integer >= -1")
-        if (not isinstance(top_logprobs_num, int) or isinstance(top_logprobs_num, bool)
-                or not 0 <= top_logprobs_num <= self.args.max_top_logprobs):
-            raise bad_request(f"top_logprobs_num must be an integer in [0, {self.args.max_top_logprobs}]")
+        try:
+            options = GenerateOptions(return_logprob, logprob_start_len, top_logprobs_num, return_text_in_logprobs,
+                                      stream).validate(self.args.max_top_logprobs)
+        except ValueError as e:
+            raise bad_request(str(e)) from None
         params = [self._sampling_params(sp) for sp in sampling]
         ids_list = await self._tokenize(prompts, add_special_tokens)
         out = Prepared([], [], [], {})
-        seen: set[str] = set()
         for i, (ids, p, rid) in enumerate(zip(ids_list, params, rids)):
-            self._check_ids(ids, p.max_new_tokens)
+            try:
+                check_prompt(ids, p.max_new_tokens, vocab_size=self.vocab_size, context_length=self.context_length,
+                             pool_size=self.pool_size)
+            except RequestError as e:
+                raise bad_request(str(e), code=e.code, param=e.param) from None
             if rid is not None and (not isinstance(rid, str) or not rid):
                 raise bad_request("rid must be a non-empty string")
-            base = rid or uuid.uuid4().hex
-            subs = [base] if p.n == 1 else [f"{base}-{j}" for j in range(p.n)]
-            if p.n > 1 and rid is not None:
-                if rid in out.groups:
-                    raise bad_request(f"request id {rid!r} is used twice", param="rid")
-                out.groups[rid] = subs
-            for j, sub in enumerate(subs):
-                if sub in seen or sub in self.states or sub in self.groups:
-                    raise bad_request(f"request id {sub!r} is already in use", param="rid")
-                seen.add(sub)
-                sp = p.replace(n=1, seed=copy_seed(p.seed, j))
-                text = prompts[i] if isinstance(prompts[i], str) else None
-                out.reqs.append(TokenizedGenerateReq(
-                    rid=sub, input_text=text, input_ids=ids, sampling_params=sp, return_logprob=return_logprob,
-                    logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num, stream=stream))
-                out.registers.append(RegisterReq(
-                    sub, list(sp.stop), sp.no_stop_trim, sp.skip_special_tokens,
-                    sp.spaces_between_special_tokens, return_text_in_logprobs))
-                out.prompt_index.append(i)
+            text = prompts[i] if isinstance(prompts[i], str) else None
+            self._add_copies(out, i, rid, fan_out(rid, p, ids, input_text=text, options=options), options)
         return out
+
+    def _add_copies(self, out: Prepared, i: int, rid: str | None, reqs: list[TokenizedGenerateReq],
+                    options: GenerateOptions) -> None:
+        """Add the n copies `reqs` of prompt i (asked for as `rid`) to `out`, refusing rids in use."""
+        if len(reqs) > 1 and rid is not None:
+            if rid in out.groups:
+                raise bad_request(f"request id {rid!r} is used twice", param="rid")
+            out.groups[rid] = [r.rid for r in reqs]
+        seen = {r.rid for r in out.reqs}
+        for r in reqs:
+            if r.rid in seen or r.rid in self.states or r.rid in self.groups:
+                raise bad_request(f"request id {r.rid!r} is already in use", param="rid")
+            seen.add(r.rid)
+            sp = r.sampling_params
+            out.reqs.append(r)
+            out.registers.append(RegisterReq(r.rid, list(sp.stop), sp.no_stop_trim, sp.skip_special_tokens,
+                                             sp.spaces_between_special_tokens, options.return_text_in_logprobs))
+            out.prompt_index.append(i)
 
     def _sampling_params(self, d: dict[str, Any] | None) -> SamplingParams:
         if d is not None and not isinstance(d, dict):
@@ -266,21 +196,6 @@ class TokenizerManager:
                 raise bad_request("a prompt must be a string or a list of token ids", param="prompt")
         return out
 
-    def _check_ids(self, ids: list[int], max_new_tokens: int) -> None:
-        if not ids:
-            raise bad_request("the prompt is empty: at least one input token is required", param="prompt")
-        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise bad_request(f"input token id {bad} is out of range [0, {self.vocab_size})", param="input_ids")
-        n = len(ids)
-        if n >= self.context_length or n + max_new_tokens > self.context_length:
-            raise bad_request(f"this model's context length is {self.context_length} tokens; the prompt has "
-                              f"{n} tokens and {max_new_tokens} new tokens were asked for",
-                              code="context_length_exceeded", param="prompt")
-        if n + 1 > self.pool_size:
-            raise bad_request(f"the prompt ({n} tokens) does not fit the KV pool ({self.pool_size} tokens)",
-                              code="context_length_exceeded", param="prompt")
-
     # ---- submitting and waiting ---------------------------------------------------------------
 
     def submit(self, prepared: Prepared, *, bypass_capacity: bool = False) -> Submission:
@@ -299,7 +214,7 @@ class TokenizerManager:
             if g in self.groups or g in self.states:
                 raise bad_request(f"request id {g!r} is already in use", param="rid")
         if not self.states:
-            self._heard_at = time.monotonic()  # the watchdog counts from when work began
+            self._watch.heard()  # the watchdog counts from when work began
         sub = Submission([], prepared.prompt_index, prepared.groups)
         now = time.perf_counter()
         for r in prepared.reqs:
@@ -388,7 +303,7 @@ class TokenizerManager:
     async def _recv_loop(self) -> None:
         while True:
             items = pickle.loads(await self._recv.recv())
-            self._heard_at = time.monotonic()
+            self._watch.heard()
             for item in items:
                 if isinstance(item, Heartbeat):
                     continue
@@ -430,25 +345,14 @@ class TokenizerManager:
 
     # ---- liveness -----------------------------------------------------------------------------
 
-    def stalled_for(self) -> float:
-        """Seconds since the pipeline last showed progress while requests are in flight (0 when
-        none are)."""
-        return time.monotonic() - self._heard_at if self.states else 0.0
-
     def health(self) -> str | None:
         """Why the server is unhealthy (a dead process, shutdown, a stalled scheduler), or None."""
-        if self.unhealthy:
-            return self.unhealthy
-        stalled = self.stalled_for()
-        if stalled > self.args.watchdog_timeout:
-            return (f"the scheduler made no progress for {stalled:.0f}s with {len(self.states)} requests in flight "
-                    f"(watchdog timeout {self.args.watchdog_timeout:g}s)")
-        return None
+        return self.unhealthy or self._watch.problem(len(self.states))
 
     async def _monitor_loop(self) -> None:
         while True:
             await asyncio.sleep(_MONITOR_S)
-            self._check_stall()
+            self._watch.log_changes(0 if self.unhealthy else len(self.states))  # a known death: no stall
             limit = self.args.request_timeout
             if limit is None:
                 continue
@@ -460,21 +364,9 @@ class TokenizerManager:
                 self._send.send_pyobj(AbortReq(st.rid))
             self.metrics.in_flight.set(len(self.states))
 
-    def _check_stall(self) -> None:
-        """Log when the scheduler starts and stops stalling (once each)."""
-        problem = None if self.unhealthy else self.health()
-        if problem is not None and not self._stalled:
-            logger.error("unhealthy: %s", problem)
-        elif problem is None and self._stalled:
-            logger.warning("the scheduler makes progress again")
-        self._stalled = problem is not None
-
     def _fail(self, st: ReqState, message: str) -> None:
         """Finish `st` with an abort result carrying `message` and wake its caller."""
-        st.result = {"text": "", "output_ids": [], "meta_info": {
-            "id": st.rid, "prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0,
-            "e2e_latency": time.perf_counter() - st.created,
-            "finish_reason": {"type": "abort", "message": message}}}
+        st.result = abort_result(st.rid, message, e2e_latency=time.perf_counter() - st.created)
         st.seq += 1
         self._drop(st)
         st.event.set()

@@ -8,8 +8,9 @@ import logging
 import time
 from typing import Any
 
+from radixflow.runtime.intake import abort_result
 from radixflow.runtime.io_struct import ReqOutput
-from radixflow.runtime.request_faults import internal_abort
+from radixflow.runtime.request_faults import internal_error
 from radixflow.runtime.text.tokenizer import IncrementalDecoder, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -93,9 +94,7 @@ class Detokenizer:
         except Exception as e:
             logger.exception("detokenizing %s failed", out.rid)
             self.discard(out.rid)
-            return {"text": "", "output_ids": [], "meta_info": {
-                "id": out.rid, "prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-                "cached_tokens": out.cached_tokens, "finish_reason": internal_abort("detokenizing", e)}}
+            return abort_result(out.rid, internal_error("detokenizing", e), prompt_tokens=out.prompt_tokens)
 
     def _entry(self, st: _State, lp: float | None, tid: int) -> list:
         return [lp, tid, self.tokenizer.decode([tid], skip_special_tokens=False) if st.text_in_lp else None]

@@ -1,8 +1,8 @@
 """Text <-> token ids for a Hugging Face-style model folder, without transformers.
 
 `Tokenizer` wraps a `tokenizers.Tokenizer` (tokenizer.json) plus tokenizer_config.json and renders
-chat templates with a sandboxed jinja2 environment the way transformers does. `IncrementalDecoder`
-turns a stream of token ids into a stream of finished text pieces.
+chat templates the way transformers does (in chat_template.py's jinja2 environment).
+`IncrementalDecoder` turns a stream of token ids into a stream of finished text pieces.
 """
 
 from __future__ import annotations
@@ -10,16 +10,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import jinja2
-import jinja2.ext
 import tokenizers
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import processors
+
+from radixflow.runtime.text.chat_template import compile_chat_template
 
 __all__ = ["Tokenizer", "IncrementalDecoder", "DEFAULT_CHAT_TEMPLATE"]
 
@@ -36,45 +34,6 @@ DEFAULT_CHAT_TEMPLATE = (
 _HONORS_BOS_FLAGS = frozenset(
     f"{name}{suffix}" for name in ("LlamaTokenizer", "CodeLlamaTokenizer", "GemmaTokenizer") for suffix in ("", "Fast")
 )
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask marker): renders its body."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: Any) -> Any:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-    def _render(self, caller: Any) -> str:
-        return caller()
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(
-    x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
-) -> str:
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-@lru_cache(maxsize=32)
-def _compile_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    return env.from_string(source)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -266,7 +225,7 @@ class Tokenizer:
             raise TypeError("tools must be JSON-schema dicts")
         context = {k: v for k, v in self._special_tokens.items() if v is not None}
         context.update(kwargs)
-        return _compile_template(self._select_template(tools)).render(
+        return compile_chat_template(self._select_template(tools)).render(
             messages=list(messages),
             tools=list(tools) if tools is not None else None,
             add_generation_prompt=add_generation_prompt,
