@@ -17,7 +17,7 @@ from typing import Any
 import zmq
 
 from radixflow.runtime.io_struct import BatchOutput, RegisterReq
-from radixflow.runtime.server.launch import bind_pull, parent_alive, prepare_child
+from radixflow.runtime.server.launch import bind_pull, connect_push, parent_alive, prepare_child
 
 logger = logging.getLogger("radixflow.detokenizer")
 
@@ -33,10 +33,7 @@ def run_detokenizer_process(tokenizer_path: str, in_addr: str, out_addr: str, lo
         detok = Detokenizer(Tokenizer.from_pretrained(tokenizer_path))
         ctx = zmq.Context()
         pull = bind_pull(ctx, in_addr)
-        push = ctx.socket(zmq.PUSH)
-        push.setsockopt(zmq.SNDHWM, 0)
-        push.setsockopt(zmq.LINGER, 0)
-        push.connect(out_addr)
+        push = connect_push(ctx, out_addr)
     except BaseException:
         ready.send(("error", traceback.format_exc()))
         raise

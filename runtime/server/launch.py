@@ -83,6 +83,15 @@ def bind_pull(ctx: zmq.Context, addr: str) -> zmq.Socket:
     return sock
 
 
+def connect_push(ctx: zmq.Context, addr: str) -> zmq.Socket:
+    """A PUSH socket connected to `addr`: no send limit, and no lingering on close."""
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(addr)
+    return sock
+
+
 def prepare_child(parent_pid: int, log_level: str = "info") -> None:
     """Call first in a child: die with the parent, leave SIGINT to the parent, set up logging.
     Exits at once if the parent is already gone."""

@@ -32,7 +32,7 @@ from radixflow.runtime.io_struct import (
     RegisterReq,
     TokenizedGenerateReq,
 )
-from radixflow.runtime.server.launch import bind_pull, parent_alive, prepare_child
+from radixflow.runtime.server.launch import bind_pull, connect_push, parent_alive, prepare_child
 
 logger = logging.getLogger("radixflow.scheduler")
 
@@ -83,10 +83,7 @@ def run_scheduler_process(config: EngineConfig, model_path: str, in_addr: str, o
         sched = Scheduler.from_model_path(config, model_path, tokenizer)
         ctx = zmq.Context()
         pull = bind_pull(ctx, in_addr)
-        push = ctx.socket(zmq.PUSH)
-        push.setsockopt(zmq.SNDHWM, 0)
-        push.setsockopt(zmq.LINGER, 0)
-        push.connect(out_addr)
+        push = connect_push(ctx, out_addr)
     except BaseException:
         ready.send(("error", traceback.format_exc()))
         raise

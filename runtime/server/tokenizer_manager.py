@@ -35,7 +35,7 @@ from radixflow.runtime.io_struct import (
     TokenizedGenerateReq,
 )
 from radixflow.runtime.sampling_params import SamplingParams
-from radixflow.runtime.server.launch import bind_pull
+from radixflow.runtime.server.launch import bind_pull, connect_push
 from radixflow.runtime.server.liveness import StallWatch
 from radixflow.runtime.server.metrics import ServerMetrics
 from radixflow.runtime.server.request_state import APIError, Prepared, ReqState, Submission, bad_request
@@ -69,10 +69,7 @@ class TokenizerManager:
         self.capacity = args.engine.max_running_requests + args.max_waiting_requests
         self.metrics = ServerMetrics()
         self.metrics.kv_pool_size.set(self.pool_size)
-        self._send = zmq.Context.instance().socket(zmq.PUSH)
-        self._send.setsockopt(zmq.SNDHWM, 0)
-        self._send.setsockopt(zmq.LINGER, 0)
-        self._send.connect(addrs.scheduler)
+        self._send = connect_push(zmq.Context.instance(), addrs.scheduler)
         self._actx = zmq.asyncio.Context()
         self._recv = bind_pull(self._actx, addrs.tokenizer)
         self.states: dict[str, ReqState] = {}
