@@ -162,3 +162,18 @@ def assert_error(resp: httpx.Response, status: int, code: str | None = None) -> 
     if code is not None:
         assert err["code"] == code, err
     return err
+
+
+def assert_engine_pool_whole(engine: Any) -> None:
+    """For an in-process Engine: wait (up to 10 s) until no request runs or waits, then assert the
+    KV pool invariant, nothing protected or held, and every slot free or evictable."""
+    for _ in range(200):
+        info = engine.get_server_info()
+        if info["num_running"] == 0 and info["num_waiting"] == 0:
+            break
+        time.sleep(0.05)
+    engine.check_invariant()
+    info = engine.get_server_info()
+    assert info["num_running"] == 0 and info["num_waiting"] == 0
+    assert info["protected_slots"] == 0 and info["held_by_requests"] == 0
+    assert info["free_slots"] + info["evictable_slots"] == info["pool_size"]

@@ -5,12 +5,12 @@ had not been there. Faults are injected with monkeypatch into the real code path
 from __future__ import annotations
 
 import re
-import time
 import uuid
 from concurrent.futures import Future
 
 import pytest
 import torch
+from server_utils import assert_engine_pool_whole
 
 import radixflow.runtime.model.sampler as sampler_mod
 import radixflow.runtime.scheduler.scheduler as scheduler_mod
@@ -40,18 +40,6 @@ def _submit(engine, rids: list[str], params: dict, **kw) -> list[Future]:
     return [engine.submit(p, params, rid=r, **kw) for p, r in zip(PROMPTS, rids)]
 
 
-def _assert_pool_whole(engine) -> None:
-    for _ in range(200):
-        info = engine.get_server_info()
-        if info["num_running"] == 0 and info["num_waiting"] == 0:
-            break
-        time.sleep(0.05)
-    engine.check_invariant()
-    info = engine.get_server_info()
-    assert info["num_running"] == 0 and info["num_waiting"] == 0
-    assert info["protected_slots"] == 0 and info["held_by_requests"] == 0
-    assert info["free_slots"] + info["evictable_slots"] == info["pool_size"]
-
 
 def _check_isolated(engine, monkeypatch, install, stage: str, params: dict = GREEDY,
                     error: str = "RuntimeError: injected", **kw) -> None:
@@ -68,10 +56,10 @@ def _check_isolated(engine, monkeypatch, install, stage: str, params: dict = GRE
             assert res["output_ids"] == want[i]["output_ids"], (i, res["text"], want[i]["text"])
             assert res["meta_info"]["finish_reason"] == want[i]["meta_info"]["finish_reason"]
     monkeypatch.undo()
-    _assert_pool_whole(engine)
+    assert_engine_pool_whole(engine)
     again = engine.generate(PROMPTS[BAD], params, **kw)
     assert again["output_ids"] == want[BAD]["output_ids"]
-    _assert_pool_whole(engine)
+    assert_engine_pool_whole(engine)
 
 
 def _boom(*_args, **_kwargs):
@@ -198,7 +186,7 @@ def test_detokenizer_fault_mid_stream_stops_the_request(engine, monkeypatch):
         next(it)
     info = engine.get_server_info()  # answered after the step that failed it: no waiting
     assert info["num_running"] == 0 and info["num_waiting"] == 0, info
-    _assert_pool_whole(engine)
+    assert_engine_pool_whole(engine)
     monkeypatch.undo()
 
 

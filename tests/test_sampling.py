@@ -7,6 +7,7 @@ import time
 from collections import Counter
 
 import pytest
+from server_utils import assert_engine_pool_whole
 
 from radixflow.runtime.config import EngineConfig
 from radixflow.runtime.engine import GenerationError
@@ -287,22 +288,9 @@ def test_abort_mid_stream_frees_slots(engine):
     for _ in range(3):
         next(it)
     it.close()  # the client goes away: the engine aborts the request
-    _assert_pool_whole(engine)
+    assert_engine_pool_whole(engine)
 
-
-def _assert_pool_whole(engine):
-    import time
-
-    for _ in range(100):
-        info = engine.get_server_info()
-        if info["num_running"] == 0 and info["num_waiting"] == 0:
-            break
-        time.sleep(0.05)
-    engine.check_invariant()
-    info = engine.get_server_info()
-    assert info["protected_slots"] == 0 and info["held_by_requests"] == 0
-    assert info["free_slots"] + info["evictable_slots"] == info["pool_size"]
 
 
 def test_no_slot_leaks_after_everything(engine):
-    _assert_pool_whole(engine)
+    assert_engine_pool_whole(engine)
