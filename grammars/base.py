@@ -7,6 +7,10 @@ A *spec* is a pair ``(kind, spec)`` with ``kind`` in :data:`GRAMMAR_KINDS`:
 - ``"regex"``: a regex the whole output must match.
 - ``"ebnf"``: a GBNF-style grammar with a ``root`` rule.
 - ``"choices"``: a JSON list of strings; the output is exactly one of them.
+- ``"structural_tag"``: a JSON object, SGLang's ``{"type": "structural_tag", "structures":
+  [{"begin", "schema", "end"}, ...], "triggers": [...]}`` (free text until a trigger, then the
+  tag whose ``begin`` it starts, its JSON constrained by ``schema``), or xgrammar's
+  ``{"type": "structural_tag", "format": {...}}``.
 
 Bitmask format (shared by every backend): int32 tensor ``(batch, ceil(vocab_size / 32))``; bit
 ``j % 32`` of word ``j // 32`` in row ``r`` is 1 iff token ``j`` is allowed for row ``r``.
@@ -25,7 +29,7 @@ import torch
 
 from radixflow.grammars.errors import GrammarCompileTimeout
 
-GRAMMAR_KINDS = ("json", "regex", "ebnf", "choices")
+GRAMMAR_KINDS = ("json", "regex", "ebnf", "choices", "structural_tag")
 
 
 class GrammarMatcher(abc.ABC):

@@ -23,6 +23,7 @@ import importlib.util
 import json
 import re
 import urllib.parse
+import warnings
 from typing import Any
 
 import torch
@@ -117,6 +118,36 @@ def _json_schema_grammar(spec: str, any_whitespace: bool) -> xgr.Grammar:
         raise GrammarError(f"invalid or unsupported json_schema: {_xgr_message(e)}") from None
 
 
+def _structural_tag_grammar(spec: str) -> xgr.Grammar:
+    try:
+        tag = json.loads(spec)
+    except json.JSONDecodeError as e:
+        raise GrammarError(f"structural_tag is not valid JSON: {e}") from None
+    if not isinstance(tag, dict) or ("structures" in tag) == ("format" in tag):
+        raise GrammarError('structural_tag must be a JSON object with "structures" and "triggers", or with "format"')
+    for item in tag.get("structures") or ():
+        schema = item.get("schema", item.get("parameters")) if isinstance(item, dict) else None
+        if isinstance(schema, dict):
+            _check_refs(schema, schema)
+    try:
+        if "format" in tag:
+            return xgr.Grammar.from_structural_tag({"type": "structural_tag", "format": tag["format"]})
+        structures, triggers = tag["structures"], tag.get("triggers")
+        if not isinstance(structures, list) or not structures or not isinstance(triggers, list) or not triggers:
+            raise GrammarError("structural_tag needs a non-empty list of structures and a non-empty list of triggers")
+        items = [xgr.StructuralTagItem(begin=s["begin"], schema=s.get("schema", s.get("parameters")), end=s["end"])
+                 for s in structures]
+        with warnings.catch_warnings():  # the (structures, triggers) form is SGLang's; xgrammar calls it legacy
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return xgr.Grammar.from_structural_tag(items, triggers)
+    except GrammarError:
+        raise
+    except KeyError as e:
+        raise GrammarError(f"invalid structural_tag: a structure needs begin, schema and end (missing {e})") from None
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise GrammarError(f"invalid structural_tag: {_xgr_message(e)}") from None
+
+
 def to_xgrammar(kind: str, spec: str, any_whitespace: bool = False) -> xgr.Grammar:
     """Parse ``(kind, spec)`` into an xgrammar ``Grammar`` (fast; no tokenizer needed).
 
@@ -130,6 +161,8 @@ def to_xgrammar(kind: str, spec: str, any_whitespace: bool = False) -> xgr.Gramm
         return _json_schema_grammar(spec, any_whitespace)
     if kind == "regex":
         return _check_regex(spec, "regex")
+    if kind == "structural_tag":
+        return _structural_tag_grammar(spec)
     if kind == "ebnf":
         try:
             return xgr.Grammar.from_ebnf(spec)

@@ -30,7 +30,10 @@ class SamplingParams:
     """What to sample and when to stop. Field names follow SGLang's native API.
 
     `temperature < 1e-6` means greedy. `top_k = -1` means off. At most one of
-    `json_schema`, `regex`, `ebnf`, `choices` may be set.
+    `json_schema`, `regex`, `ebnf`, `choices`, `structural_tag` may be set. `stop_regex` ends the
+    output at the first match of any of its patterns in the text (trimmed there, as a stop string
+    is, unless `no_stop_trim`). `stream_interval` and `custom_params` are accepted as SGLang's
+    clients send them; neither changes what is sampled.
     """
 
     max_new_tokens: int = 128
@@ -38,6 +41,7 @@ class SamplingParams:
     n: int = 1
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    stop_regex: list[str] = field(default_factory=list)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -50,11 +54,17 @@ class SamplingParams:
     regex: str | None = None
     ebnf: str | None = None
     choices: list[str] | None = None
+    structural_tag: str | None = None
+    # False: run a json_schema the grammar backends cannot enforce exactly best-effort (the
+    # response reports what was not enforced); True: refuse it (as OpenAI's strict mode)
+    json_schema_strict: bool = True
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
     seed: int | None = None
+    stream_interval: int | None = None
+    custom_params: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> SamplingParams:
@@ -62,21 +72,28 @@ class SamplingParams:
         if d is not None and not isinstance(d, dict):
             raise SamplingParamsError(f"sampling_params must be an object (a dict), got {type(d).__name__}")
         d = dict(d or {})
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} | {"sampling_seed"}
         unknown = sorted(set(d) - names)
         if unknown:
             raise SamplingParamsError(f"unknown sampling parameter(s): {', '.join(unknown)}")
-        if isinstance(d.get("stop"), str):
-            d["stop"] = [d["stop"]]
-        if d.get("stop") is None:
-            d.pop("stop", None)
+        if "sampling_seed" in d:  # SGLang's name for the seed
+            if d.get("seed") is not None and d["sampling_seed"] is not None:
+                raise SamplingParamsError("give seed or sampling_seed, not both")
+            sampling_seed = d.pop("sampling_seed")
+            d["seed"] = d.get("seed", sampling_seed) if sampling_seed is None else sampling_seed
+        for name in ("stop", "stop_regex"):
+            if isinstance(d.get(name), str):
+                d[name] = [d[name]]
+            if d.get(name) is None:
+                d.pop(name, None)
         if d.get("stop_token_ids") is None:
             d.pop("stop_token_ids", None)
-        if isinstance(d.get("json_schema"), dict):
-            try:
-                d["json_schema"] = json.dumps(d["json_schema"], allow_nan=False)
-            except (TypeError, ValueError, RecursionError) as e:
-                raise SamplingParamsError(f"json_schema is not a JSON object: {e}") from None
+        for name in ("json_schema", "structural_tag"):
+            if isinstance(d.get(name), dict):
+                try:
+                    d[name] = json.dumps(d[name], allow_nan=False)
+                except (TypeError, ValueError, RecursionError) as e:
+                    raise SamplingParamsError(f"{name} is not a JSON object: {e}") from None
         if d.get("logit_bias"):
             d["logit_bias"] = _parse_logit_bias(d["logit_bias"])
         elif d.get("logit_bias") is None:
@@ -100,6 +117,8 @@ class SamplingParams:
             return ("ebnf", self.ebnf)
         if self.choices is not None:
             return ("choices", json.dumps(self.choices))
+        if self.structural_tag is not None:
+            return ("structural_tag", self.structural_tag)
         return None
 
     def validate(self, vocab_size: int | None = None) -> None:
@@ -134,7 +153,8 @@ class SamplingParams:
                 raise SamplingParamsError(f"{name} must be a finite number, got {_show(v)}")
             if not (lo < v <= hi if open_lo else lo <= v <= hi):
                 raise SamplingParamsError(f"{name} must be in {'(' if open_lo else '['}{lo}, {hi}], got {v}")
-        for name in ("ignore_eos", "skip_special_tokens", "no_stop_trim", "spaces_between_special_tokens"):
+        for name in ("ignore_eos", "skip_special_tokens", "no_stop_trim", "spaces_between_special_tokens",
+                     "json_schema_strict"):
             self._check_type(name, (bool,))
         for name in ("max_new_tokens", "min_new_tokens"):
             if getattr(self, name) < 0:
@@ -153,21 +173,40 @@ class SamplingParams:
             raise SamplingParamsError("stop must be a string or a list of strings")
         if any(s == "" for s in self.stop):
             raise SamplingParamsError("stop strings must not be empty")
+        if not isinstance(self.stop_regex, list) or not all(isinstance(s, str) and s for s in self.stop_regex):
+            raise SamplingParamsError("stop_regex must be a non-empty string or a list of them")
+        for i, pattern in enumerate(self.stop_regex):
+            try:
+                empty = re.fullmatch(pattern, "") is not None
+            except (re.error, RecursionError, OverflowError) as e:
+                raise SamplingParamsError(f"stop_regex[{i}] is not a valid regular expression: {e}") from None
+            if empty:
+                raise SamplingParamsError(f"stop_regex[{i}] matches the empty string, so it would stop at once")
+        if self.stream_interval is not None and (
+            not isinstance(self.stream_interval, int) or isinstance(self.stream_interval, bool)
+            or not 1 <= self.stream_interval <= _MAX_INT
+        ):
+            raise SamplingParamsError("stream_interval must be a positive integer")
+        if self.custom_params is not None and not isinstance(self.custom_params, dict):
+            raise SamplingParamsError("custom_params must be an object")
         if not isinstance(self.stop_token_ids, list) or not all(
             isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids
         ):
             raise SamplingParamsError("stop_token_ids must be a list of integers")
 
     def _check_constraint(self) -> None:
-        for name in ("json_schema", "regex", "ebnf"):
+        for name in ("json_schema", "regex", "ebnf", "structural_tag"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise SamplingParamsError(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
-        depth = 0 if self.json_schema is None else json_depth(self.json_schema.encode("utf-8", "surrogatepass"))
-        if depth > MAX_JSON_DEPTH:  # the grammar compiler recurses once per level
-            raise SamplingParamsError(f"json_schema nests {depth} levels deep; at most {MAX_JSON_DEPTH} are accepted")
-        constraints = [k for k in ("json_schema", "regex", "ebnf", "choices") if getattr(self, k) is not None]
+        for name in ("json_schema", "structural_tag"):
+            spec = getattr(self, name)
+            depth = 0 if spec is None else json_depth(spec.encode("utf-8", "surrogatepass"))
+            if depth > MAX_JSON_DEPTH:  # the grammar compiler recurses once per level
+                raise SamplingParamsError(f"{name} nests {depth} levels deep; at most {MAX_JSON_DEPTH} are accepted")
+        kinds = ("json_schema", "regex", "ebnf", "choices", "structural_tag")
+        constraints = [k for k in kinds if getattr(self, k) is not None]
         if len(constraints) > 1:
-            raise SamplingParamsError(f"at most one of json_schema, regex, ebnf, choices; got {constraints}")
+            raise SamplingParamsError(f"at most one of {', '.join(kinds)}; got {constraints}")
         if self.choices is not None and (
             not isinstance(self.choices, list) or not self.choices
             or not all(isinstance(c, str) for c in self.choices)

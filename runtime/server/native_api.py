@@ -28,6 +28,15 @@ if TYPE_CHECKING:
 
 _GENERATE_KEYS = {"text", "input_ids", "sampling_params", "rid", "return_logprob", "logprob_start_len",
                   "top_logprobs_num", "return_text_in_logprobs", "stream"}
+# Fields of SGLang's /generate that its clients send with a null or default value (its frontend
+# sends image_data; its Runtime lora_path and session_id). Accepted at that value; any other value
+# is a 400 that says this server does not support the feature.
+_SGLANG_DEFAULTS = {"image_data": None, "video_data": None, "audio_data": None, "input_embeds": None,
+                    "lora_path": None, "lora_id": None, "session_id": None, "session_params": None,
+                    "custom_logit_processor": None, "token_ids_logprob": None, "return_hidden_states": False,
+                    "modalities": None, "data_parallel_rank": None, "priority": None, "extra_key": None,
+                    "bootstrap_host": None, "bootstrap_port": None, "bootstrap_room": None}
+_SGLANG_IGNORED = {"log_metrics", "no_logs", "custom_labels"}  # bookkeeping hints with no effect on output
 
 
 def native_router(tm: TokenizerManager, args: ServerArgs, model_name: str) -> APIRouter:
@@ -69,6 +78,7 @@ def _health_routes(router: APIRouter, tm: TokenizerManager, args: ServerArgs) ->
 
 def _info_routes(router: APIRouter, tm: TokenizerManager, args: ServerArgs, model_name: str) -> None:
     @router.get("/get_model_info")
+    @router.get("/model_info")  # SGLang's newer name
     async def get_model_info() -> dict[str, Any]:
         return {"model_path": tm.model_path, "tokenizer_path": tm.tokenizer.path, "is_generation": True,
                 "served_model_name": model_name, "context_length": tm.context_length,
@@ -82,6 +92,7 @@ def _info_routes(router: APIRouter, tm: TokenizerManager, args: ServerArgs, mode
                 **tok.special_tokens}
 
     @router.get("/get_server_info")
+    @router.get("/server_info")  # SGLang's newer name (its frontend's get_server_info reads it)
     async def get_server_info() -> dict[str, Any]:
         info = await tm.get_info()
         sargs = dataclasses.asdict(args)
@@ -144,9 +155,13 @@ def _parse_generate(body: Any) -> tuple[list, bool, dict[str, Any]]:
     """(prompts, single, keyword arguments for TokenizerManager.prepare) of a /generate body."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
-    unknown = sorted(set(body) - _GENERATE_KEYS)
+    unknown = sorted(set(body) - _GENERATE_KEYS - set(_SGLANG_DEFAULTS) - _SGLANG_IGNORED)
     if unknown:
-        raise bad_request(f"unknown field(s): {', '.join(unknown)}")
+        raise bad_request(f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
+    unsupported = sorted(k for k, d in _SGLANG_DEFAULTS.items() if k in body and not _is_default(body[k], d))
+    if unsupported:
+        raise bad_request(f"{unsupported[0]} is not supported by this server (text-only, one model, no LoRA)",
+                          param=unsupported[0])
     text, ids = body.get("text"), body.get("input_ids")
     if (text is None) == (ids is None):
         raise bad_request("give exactly one of text and input_ids")
@@ -178,6 +193,11 @@ def _parse_generate(body: Any) -> tuple[list, bool, dict[str, Any]]:
     kwargs = dict(sampling=sampling, rids=rids, logprob_start_len=body.get("logprob_start_len", -1),
                   top_logprobs_num=body.get("top_logprobs_num", 0), stream=stream, **flags)
     return prompts, single, kwargs
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    """`value` is `default`, or a per-prompt list of it (a batch)."""
+    return value == default or (isinstance(value, list) and all(v == default for v in value))
 
 
 async def _native_stream(request: Request, tm: TokenizerManager, sub: Submission, many: bool) -> AsyncIterator[str]:
