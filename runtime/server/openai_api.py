@@ -28,6 +28,7 @@ from radixflow.runtime.server.openai_protocol import (
     parse_object,
     sampling_fields,
 )
+from radixflow.runtime.server.openai_tools import ToolSession
 from radixflow.runtime.server.sse import SSE_DONE, abort_on_disconnect, finite, read_json, sse, stream_preflight
 from radixflow.runtime.server.tokenizer_manager import APIError, Submission, TokenizerManager, bad_request
 
@@ -161,11 +162,14 @@ class _Call:
                     lp = self.logprobs(res, sent_lp[i])
                     new_lp = lp.pop("_count") if lp is not None else 0
                     sent_lp[i] += new_lp
-                    if delta or new_lp:
-                        yield sse(finite(self.chunk(i, self.text_delta(delta), lp, None)))
+                    pieces = self.stream_deltas(i, sent_text[i], delta, fr is not None)
+                    if not pieces and new_lp:
+                        pieces = [self.text_delta("")]
+                    for k, piece in enumerate(pieces):
+                        yield sse(finite(self.chunk(i, piece, lp if k == 0 else None, None)))
                     if fr is not None:
                         finals[i] = res
-                        yield sse(self.chunk(i, self.final_delta(), None, finish_reason(fr)))
+                        yield sse(self.chunk(i, self.final_delta(), None, self.finish_reason(i, fr)))
                 if self.include_usage:
                     usage = self.usage([r for r in finals if r is not None]) if all(finals) else None
                     yield sse({"id": self.id, "object": self.chunk_kind, "created": self.created,
@@ -184,6 +188,13 @@ class _Call:
 
     def first_delta(self, i: int) -> dict[str, Any] | None:
         return None
+
+    def stream_deltas(self, i: int, text: str, delta: str, final: bool) -> list[dict[str, Any]]:
+        """The chunk deltas of choice `i` now that its cumulative text is `text` (`delta` new)."""
+        return [self.text_delta(delta)] if delta else []
+
+    def finish_reason(self, i: int, fr: dict[str, Any] | None) -> str | None:
+        return finish_reason(fr)
 
     def text_delta(self, delta: str) -> dict[str, Any]:
         raise NotImplementedError
@@ -270,14 +281,15 @@ class _Chat(_Call):
 
     async def prepare(self) -> None:
         b, tok = self.body, self.tm.tokenizer
-        if b.get("tools"):
-            raise bad_request("tools are not supported by this server", param="tools")
-        if b.get("tool_choice") not in (None, "none"):
-            raise bad_request("tool_choice is not supported by this server", param="tool_choice")
         messages = chat_messages(b.get("messages"))
+        self.tools = ToolSession.from_body(b, messages, tok.template_for)
         kwargs = b.get("chat_template_kwargs") or {}
         if not isinstance(kwargs, dict):
             raise bad_request("chat_template_kwargs must be an object", param="chat_template_kwargs")
+        if self.tools is not None:
+            messages = self.tools.messages(messages)
+            if self.tools.knows_tools:
+                kwargs = {**kwargs, "tools": self.tools.tools}
         try:
             text = tok.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
         except (jinja2.TemplateError, TypeError, ValueError) as e:
@@ -293,6 +305,8 @@ class _Chat(_Call):
         if max_tokens is None:
             max_tokens = max(0, min(self.tm.max_new_tokens_limit, self.tm.context_length - len(ids)))
         sp = self.sampling(max_tokens)
+        if self.tools is not None:
+            self.tools.constrain(sp)
         if not sp.get("ignore_eos"):  # end the turn at the template's end-of-turn marker
             for s in tok.chat_stop_strings:
                 tid = tok.token_to_id(s)
@@ -316,12 +330,23 @@ class _Chat(_Call):
     def final_delta(self) -> dict[str, Any]:
         return {"delta": {}}
 
+    def stream_deltas(self, i: int, text: str, delta: str, final: bool) -> list[dict[str, Any]]:
+        if self.tools is None:
+            return super().stream_deltas(i, text, delta, final)
+        return self.tools.stream_deltas(i, text, final)
+
+    def finish_reason(self, i: int, fr: dict[str, Any] | None) -> str | None:
+        reason = finish_reason(fr)
+        return reason if self.tools is None else self.tools.finish_reason(i, reason)
+
     def choice(self, i: int, res: dict[str, Any]) -> dict[str, Any]:
         lp = self.logprobs(res, 0)
         if lp is not None:
             lp.pop("_count")
-        return {"index": i, "message": {"role": "assistant", "content": res["text"]}, "logprobs": lp,
-                "finish_reason": finish_reason(res["meta_info"].get("finish_reason"))}
+        text = res["text"]
+        message = {"role": "assistant", "content": text} if self.tools is None else self.tools.message(i, text)
+        return {"index": i, "message": message, "logprobs": lp,
+                "finish_reason": self.finish_reason(i, res["meta_info"].get("finish_reason"))}
 
     def logprobs(self, res: dict[str, Any], skip: int) -> dict[str, Any] | None:
         if not self.want_lp:

@@ -16,7 +16,8 @@ PASS_THROUGH = {"temperature": "temperature", "top_p": "top_p", "n": "n", "stop"
                 "repetition_penalty": "repetition_penalty", "ignore_eos": "ignore_eos", "regex": "regex",
                 "ebnf": "ebnf", "json_schema": "json_schema", "min_tokens": "min_new_tokens",
                 "stop_token_ids": "stop_token_ids", "skip_special_tokens": "skip_special_tokens",
-                "no_stop_trim": "no_stop_trim", "spaces_between_special_tokens": "spaces_between_special_tokens"}
+                "no_stop_trim": "no_stop_trim", "spaces_between_special_tokens": "spaces_between_special_tokens",
+                "structural_tag": "structural_tag", "stop_regex": "stop_regex"}
 COMMON_KEYS = set(PASS_THROUGH) | {"model", "max_tokens", "stream", "stream_options", "user", "logprobs",
                                     "response_format"}
 COMPLETION_KEYS = COMMON_KEYS | {"prompt", "echo", "best_of", "suffix"}
@@ -63,16 +64,20 @@ def finish_reason(fr: dict[str, Any] | None) -> str | None:
 
 def sampling_fields(body: dict[str, Any], max_tokens: int | None) -> dict[str, Any]:
     """The native sampling params of an OpenAI body: pass-through fields, max_tokens and
-    response_format (as json_schema)."""
+    response_format (as json_schema or structural_tag)."""
     sp = {dst: body[src] for src, dst in PASS_THROUGH.items() if body.get(src) is not None}
     if max_tokens is not None:
         sp["max_new_tokens"] = max_tokens
     rf = body.get("response_format")
     if rf is not None:
-        if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
-            raise bad_request("response_format.type must be text, json_object or json_schema",
+        if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema", "structural_tag"):
+            raise bad_request("response_format.type must be text, json_object, json_schema or structural_tag",
                               param="response_format")
-        if rf["type"] == "json_object":
+        if rf["type"] == "structural_tag":  # SGLang's: {"type", "structures", "triggers"} or {"type", "format"}
+            if "structural_tag" in sp:
+                raise bad_request("give structural_tag or response_format, not both", param="response_format")
+            sp["structural_tag"] = json.dumps(rf)
+        elif rf["type"] == "json_object":
             sp["json_schema"] = json.dumps({"type": "object"})
         elif rf["type"] == "json_schema":
             spec = rf.get("json_schema")

@@ -201,6 +201,10 @@ class Tokenizer:
         """The default chat template source (DEFAULT_CHAT_TEMPLATE when the folder has none)."""
         return self._select_template(None)
 
+    def template_for(self, tools: Any = None) -> str:
+        """The chat template source used for a conversation with (or without) `tools`."""
+        return self._select_template(tools)
+
     def _select_template(self, tools: Any) -> str:
         template = self._chat_template
         if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
