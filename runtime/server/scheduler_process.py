@@ -41,7 +41,10 @@ _HEARTBEAT_S = 1.0  # while busy, send something at least this often
 
 
 class _StepLogger:
-    """A log line every `interval` scheduler steps: throughput, batch, hit rate, queue depth."""
+    """A log line every `interval` scheduler steps: throughput, batch, hit rate, queue depth.
+
+    Rates are over busy time (the time spent in steps since the last line), not wall time: a
+    server idle between requests still reports the speed at which it generates."""
 
     def __init__(self, interval: int) -> None:
         self.interval = interval
@@ -49,6 +52,10 @@ class _StepLogger:
         self.last_time = time.perf_counter()
         self.last_gen = 0
         self.last_prompt = 0
+        self.busy = 0.0  # seconds spent in steps since the last line
+
+    def add_busy(self, seconds: float) -> None:
+        self.busy += seconds
 
     def maybe_log(self, sched: Any) -> None:
         steps = sched.stats["steps"]
@@ -56,17 +63,17 @@ class _StepLogger:
             return
         info = sched.get_info()
         now = time.perf_counter()
-        dt = max(now - self.last_time, 1e-9)
+        wall, busy = max(now - self.last_time, 1e-9), max(self.busy, 1e-9)
         gen = info["generated_tokens"] - self.last_gen
         prefill = info["computed_prompt_tokens"] - self.last_prompt
         pool = info["pool_size"]
         used = pool - info["free_slots"] - info["evictable_slots"]
-        logger.info("steps %d: gen %.1f tok/s, prefill %.1f tok/s, running %d, waiting %d, "
-                    "kv used %.1f%% (cached %d), cache hit rate %.1f%%, retractions %d",
-                    steps, gen / dt, prefill / dt, info["num_running"], info["num_waiting"],
-                    100.0 * used / pool, info["evictable_slots"], 100.0 * info["cache"]["hit_rate"],
-                    info["retractions"])
-        self.last_step, self.last_time = steps, now
+        logger.info("steps %d: gen %.1f tok/s, prefill %.1f tok/s (over %.1f s busy, %.0f%% of %.1f s), "
+                    "running %d, waiting %d, kv used %.1f%% (cached %d), cache hit rate %.1f%%, retractions %d",
+                    steps, gen / busy, prefill / busy, self.busy, 100.0 * min(1.0, self.busy / wall), wall,
+                    info["num_running"], info["num_waiting"], 100.0 * used / pool, info["evictable_slots"],
+                    100.0 * info["cache"]["hit_rate"], info["retractions"])
+        self.last_step, self.last_time, self.busy = steps, now, 0.0
         self.last_gen, self.last_prompt = info["generated_tokens"], info["computed_prompt_tokens"]
 
 
@@ -109,7 +116,12 @@ def _serve(sched: Any, pull: zmq.Socket, push: zmq.Socket, step_log: _StepLogger
             for item in msg if isinstance(msg, list) else [msg]:
                 _handle(sched, item, out)
         try:
-            outputs = sched.step() if sched.has_work() else sched.drain_outputs()
+            if sched.has_work():
+                t0 = time.perf_counter()
+                outputs = sched.step()
+                step_log.add_busy(time.perf_counter() - t0)
+            else:
+                outputs = sched.drain_outputs()
         except Exception:
             logger.exception("scheduler step failed; failing every request and exiting")
             _fail_all(sched, push, out)
