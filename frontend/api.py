@@ -50,7 +50,7 @@ def _dtype_name(dtype: Any) -> str | None:
 
 def gen(name: str | None = None, max_tokens: int | None = None, min_tokens: int | None = None,
         stop: str | Sequence[str] | None = None, stop_token_ids: Sequence[int] | None = None,
-        temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+        stop_regex: str | Sequence[str] | None = None, temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
         min_p: float | None = None, frequency_penalty: float | None = None,
         presence_penalty: float | None = None, repetition_penalty: float | None = None,
         ignore_eos: bool | None = None, seed: int | None = None, return_logprob: bool | None = None,
@@ -60,6 +60,7 @@ def gen(name: str | None = None, max_tokens: int | None = None, min_tokens: int 
         json_schema: Any = None) -> ir.Expr:
     """Generate text after the current text; store it in `s[name]`. Unset settings come from run().
 
+    `stop_regex` ends the text at the first match of a pattern (trimmed there, as at a stop string).
     `regex` / `json_schema` (str, dict or pydantic model) constrain the output; `dtype` (int, float,
     bool, str) is a shorthand for a regex (the variable stays a string); `choices` makes it a select."""
     if choices is not None:
@@ -73,7 +74,7 @@ def gen(name: str | None = None, max_tokens: int | None = None, min_tokens: int 
         regex = dtype_regex(dname)
     args = ir.SamplingArgs(
         max_new_tokens=max_tokens, min_new_tokens=min_tokens, stop=stop, stop_token_ids=stop_token_ids,
-        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, frequency_penalty=frequency_penalty,
+        stop_regex=stop_regex, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, frequency_penalty=frequency_penalty,
         presence_penalty=presence_penalty, repetition_penalty=repetition_penalty, ignore_eos=ignore_eos,
         seed=seed, regex=regex, json_schema=schema, return_logprob=return_logprob,
         logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num,

@@ -15,7 +15,7 @@ ROLES = ("system", "user", "assistant")
 
 # Wire names of the sampling fields a program may set (DESIGN §6, native /generate API).
 _SAMPLING_FIELDS = (
-    "max_new_tokens", "min_new_tokens", "stop", "stop_token_ids", "temperature", "top_p", "top_k", "min_p",
+    "max_new_tokens", "min_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k", "min_p",
     "frequency_penalty", "presence_penalty", "repetition_penalty", "ignore_eos", "seed", "regex", "json_schema",
 )
 _LOGPROB_FIELDS = ("return_logprob", "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs")
@@ -30,6 +30,7 @@ class SamplingArgs:
     min_new_tokens: int | None = None
     stop: tuple[str, ...] | None = None
     stop_token_ids: tuple[int, ...] | None = None
+    stop_regex: tuple[str, ...] | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -47,7 +48,7 @@ class SamplingArgs:
     return_text_in_logprobs: bool | None = None
 
     def __post_init__(self) -> None:
-        for name in ("stop", "stop_token_ids"):
+        for name in ("stop", "stop_token_ids", "stop_regex"):
             v = getattr(self, name)
             if isinstance(v, str):
                 object.__setattr__(self, name, (v,))

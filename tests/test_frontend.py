@@ -220,3 +220,13 @@ def test_same_program_same_greedy_result_on_both_backends(rf_engine, http_backen
     assert a.text() == b.text()
     assert a.get_meta_info("yn")["normalized_prompt_logprobs"] == pytest.approx(
         b.get_meta_info("yn")["normalized_prompt_logprobs"], abs=2e-3)
+
+
+def test_gen_stop_regex_on_both_backends(backend):
+    @rf.function
+    def count(s):
+        s += "Count to ten: 1, 2, 3," + rf.gen("rest", max_tokens=24, stop_regex=r"[5-9],", temperature=0)
+
+    st = count.run(backend=backend)
+    assert st.get_meta_info("rest")["finish_reason"]["type"] == "stop"
+    assert re.search(r"[5-9],", st["rest"]) is None and "4," in st["rest"]
