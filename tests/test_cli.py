@@ -48,6 +48,7 @@ def test_version() -> None:
 def test_abbreviations_are_refused() -> None:
     res = run("generate", "hi", "--temp", "0.5")
     assert res.returncode == 2 and "unrecognized arguments: --temp" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "--help" in res.stderr
 
 
 @pytest.mark.parametrize(("args", "advice"), [
@@ -56,6 +57,7 @@ def test_abbreviations_are_refused() -> None:
     (["serve", "--model", "/no/such/model"], "a .gguf file"),
     (["serve", "--model", "/"], "no config.json"),
     (["serve", "--schedule-policy", "random"], "schedule_policy must be one of"),
+    (["serve", "--max-total-tokens", "many"], "invalid int value"),
 ])
 def test_environment_errors_are_one_line(args: list[str], advice: str) -> None:
     if "cuda" in args:

@@ -115,11 +115,17 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors that point at --help (instead of the usage block)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"radixflow: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `radixflow` argument parser (subcommands `serve` and `generate`). Options
     must be spelled out: abbreviations (`--temp` for `--temperature`) are refused."""
-    parser = argparse.ArgumentParser(prog="radixflow", description="radixflow: a serving engine for agent programs",
-                                     allow_abbrev=False)
+    parser = _Parser(prog="radixflow", description="radixflow: a serving engine for agent programs", allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"radixflow {_version()}")
     subs = parser.add_subparsers(dest="command", required=True)
 
