@@ -215,3 +215,39 @@ def test_structural_tag_response_format(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(model="default", max_tokens=48, temperature=0, response_format=tag,
                                        messages=[{"role": "user", "content": "Name a city inside <city> tags."}])
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+QWEN_STYLE = """{%- if tools %}<|im_start|>system
+<tools>{% for t in tools %}
+{{ t | tojson }}{% endfor %}
+</tools><|im_end|>
+{% endif %}{%- for m in messages %}{%- if m.role == "assistant" and m.tool_calls %}<|im_start|>assistant
+{%- for tc in m.tool_calls %}{%- set tc = tc.function %}
+<tool_call>
+{"name": "{{ tc.name }}", "arguments": {{ tc.arguments | tojson }}}
+</tool_call>{%- endfor %}<|im_end|>
+{% elif m.role == "tool" %}<|im_start|>user
+<tool_response>
+{{ m.content }}
+</tool_response><|im_end|>
+{% else %}<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endif %}{%- endfor %}<|im_start|>assistant
+"""
+
+
+def test_a_template_that_knows_tools_renders_calls_and_results() -> None:
+    from radixflow.runtime.text.chat_template import compile_chat_template
+
+    history = [*ASK, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "3"}]
+    assert template_knows_tools(QWEN_STYLE) and dialect_for(QWEN_STYLE) is HERMES
+    text = compile_chat_template(QWEN_STYLE).render(messages=render_messages(history, TOOLS, knows_tools=True),
+                                                   tools=TOOLS)
+    assert '{"name": "add", "arguments": {"a": 1, "b": 2}}' in text  # an object, not a JSON string in a string
+    assert "<tool_response>\n3\n</tool_response>" in text and '"get_weather"' in text
+    # What the template wrote is what the parser reads back.
+    call_text = text[text.index("<tool_call>"):text.index("</tool_call>") + len("</tool_call>")]
+    _, calls = parse_tool_calls(call_text, HERMES, NAMES)
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("add", {"a": 1, "b": 2})]
