@@ -50,8 +50,9 @@ def _dtype_name(dtype: Any) -> str | None:
 
 def gen(name: str | None = None, max_tokens: int | None = None, min_tokens: int | None = None,
         stop: str | Sequence[str] | None = None, stop_token_ids: Sequence[int] | None = None,
-        stop_regex: str | Sequence[str] | None = None, temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-        min_p: float | None = None, frequency_penalty: float | None = None,
+        stop_regex: str | Sequence[str] | None = None, temperature: float | None = None,
+        top_p: float | None = None, top_k: int | None = None, min_p: float | None = None,
+        frequency_penalty: float | None = None,
         presence_penalty: float | None = None, repetition_penalty: float | None = None,
         ignore_eos: bool | None = None, seed: int | None = None, return_logprob: bool | None = None,
         logprob_start_len: int | None = None, top_logprobs_num: int | None = None,
@@ -74,7 +75,8 @@ def gen(name: str | None = None, max_tokens: int | None = None, min_tokens: int 
         regex = dtype_regex(dname)
     args = ir.SamplingArgs(
         max_new_tokens=max_tokens, min_new_tokens=min_tokens, stop=stop, stop_token_ids=stop_token_ids,
-        stop_regex=stop_regex, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, frequency_penalty=frequency_penalty,
+        stop_regex=stop_regex, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+        frequency_penalty=frequency_penalty,
         presence_penalty=presence_penalty, repetition_penalty=repetition_penalty, ignore_eos=ignore_eos,
         seed=seed, regex=regex, json_schema=schema, return_logprob=return_logprob,
         logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num,

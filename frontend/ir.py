@@ -15,8 +15,9 @@ ROLES = ("system", "user", "assistant")
 
 # Wire names of the sampling fields a program may set (DESIGN §6, native /generate API).
 _SAMPLING_FIELDS = (
-    "max_new_tokens", "min_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k", "min_p",
-    "frequency_penalty", "presence_penalty", "repetition_penalty", "ignore_eos", "seed", "regex", "json_schema",
+    "max_new_tokens", "min_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k",
+    "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty", "ignore_eos", "seed", "regex",
+    "json_schema",
 )
 _LOGPROB_FIELDS = ("return_logprob", "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs")
 
