@@ -24,7 +24,7 @@ from server_utils import API_KEY, AUTH, ServerProcess, assert_error, shared_serv
 
 from radixflow.runtime.server import cli
 from radixflow.runtime.server.args import ServerArgs
-from radixflow.runtime.server.guard import _Guard
+from radixflow.runtime.server.guard import RequestGuard
 from radixflow.runtime.server.serve import header_timeout_protocol
 
 ENV_KEY = "env-secret-4f1c"
@@ -221,7 +221,7 @@ def test_connection_stays_usable_after_4xx():
 
 def test_unhandled_error_gives_500_and_closes_the_connection():
     app = FastAPI()
-    app.add_middleware(_Guard, args=ServerArgs(api_key=None))
+    app.add_middleware(RequestGuard, args=ServerArgs(api_key=None))
 
     @app.get("/boom")
     async def boom() -> None:

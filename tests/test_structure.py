@@ -21,6 +21,7 @@ LAYERS = {
     "radixflow.runtime.scheduler": 4,
     "radixflow.runtime.engine": 5,
     "radixflow.runtime.server": 6,
+    "radixflow.runtime.router": 6,
     "radixflow.frontend": 7,
 }
 FACADE = "radixflow"  # the root package re-exports the public API from every layer

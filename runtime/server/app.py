@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from radixflow.runtime.server.guard import _Guard
+from radixflow.runtime.server.guard import RequestGuard
 from radixflow.runtime.server.native_api import native_router
 from radixflow.runtime.server.openai_api import openai_router
 from radixflow.runtime.server.sse import error_response
@@ -29,7 +29,7 @@ _STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404:
 def build_app(tm: TokenizerManager, args: ServerArgs, model_name: str) -> FastAPI:
     """The whole HTTP surface of one server."""
     app = FastAPI(title="radixflow", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(_Guard, args=args)
+    app.add_middleware(RequestGuard, args=args)
     app.include_router(openai_router(tm, args, model_name))
     app.include_router(native_router(tm, args, model_name))
 

@@ -20,7 +20,7 @@ class ServerArgs:
     `request_timeout`: seconds after which a request is aborted with 504 (None = never).
     `header_timeout` / `body_timeout`: seconds a client may take to send its request headers /
     between two chunks of its body. `allowed_origins` / `allowed_hosts`: browser Origins and Host
-    names accepted besides the server's own (`*` = any; see guard._Guard)."""
+    names accepted besides the server's own (`*` = any; see guard.RequestGuard)."""
 
     engine: EngineConfig = field(default_factory=EngineConfig)
     host: str = "127.0.0.1"

@@ -22,6 +22,8 @@ from typing import Any
 
 from radixflow.runtime.config import EngineConfig
 from radixflow.runtime.loading.default_model import DEFAULT_ALIASES, check_model_path
+from radixflow.runtime.router.cli import add_router_parser, run_router_command
+from radixflow.runtime.router.data_parallel import run_data_parallel
 from radixflow.runtime.server.args import ServerArgs
 
 _HELP = {
@@ -55,6 +57,8 @@ _HELP = {
     "mem_fraction": "share of free memory for the KV pool when --max-total-tokens is not set",
     "max_running_requests": "largest decode batch",
     "schedule_policy": "lpm | dfs-weight | fcfs",
+    "grammar_backend": "xgrammar | llguidance | auto (per request, the backend that enforces the spec exactly, "
+                       "xgrammar first)",
     "api_key": "require `Authorization: Bearer KEY` on every endpoint but /health; visible to `ps`: "
                "prefer --api-key-file or the RADIXFLOW_API_KEY environment variable",
     "max_waiting_requests": "requests in flight beyond --max-running-requests before 503",
@@ -71,6 +75,10 @@ _HELP = {
                        "server's own; * = any",
     "allowed_hosts": "comma-separated Host names accepted besides localhost, 127.0.0.1, [::1] and --host "
                      "(on a loopback --host; elsewhere, if set, only these); * = any",
+    "quantization": "CPU weights: auto (a model converted from a GGUF runs on its own 4/8-bit blocks, others "
+                    "fp32) | none (fp32) | gguf | int8 | int4 (weight-only, per group of 32, quantized at load)",
+    "kv_cache_dtype": "KV cache element type: auto (float16 on CPU, the model dtype on CUDA) | float32 | float16 "
+                      "| bfloat16",
 }
 _API_KEY_ENV = "RADIXFLOW_API_KEY"
 
@@ -123,7 +131,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `radixflow` argument parser (subcommands `serve` and `generate`). Options
+    """The `radixflow` argument parser (subcommands `serve`, `router` and `generate`). Options
     must be spelled out: abbreviations (`--temp` for `--temperature`) are refused."""
     parser = _Parser(prog="radixflow", description="radixflow: a serving engine for agent programs", allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"radixflow {_version()}")
@@ -134,8 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key-file", default=None, metavar="PATH",
                        help=f"read the API key from this file (stripped); else --api-key, else ${_API_KEY_ENV} "
                             "(default: None)")
+    serve.add_argument("--dp-size", type=int, default=1,
+                       help="data parallel: N workers behind a cache-aware router (default: 1)")
     _add_fields(serve, ServerArgs, {"engine"})
     _add_fields(serve, EngineConfig, {"model"})
+    add_router_parser(subs)
 
     gen = subs.add_parser("generate", help="generate an answer in-process and print it", allow_abbrev=False)
     gen.add_argument("prompt", help="the user message (or the raw prompt with --raw)")
@@ -151,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `radixflow` script; returns the exit code."""
     ns = build_parser().parse_args(argv)
+    if ns.command == "router":
+        return run_router_command(ns)
     try:
         engine = EngineConfig.from_kwargs(model=ns.model, **_collect(ns, EngineConfig, {"model"}))
         _preflight(engine)
@@ -161,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"radixflow: error: {e}", file=sys.stderr)
         return 2
     if ns.command == "serve":
-        return launch(args)
+        return launch(args) if ns.dp_size == 1 else run_data_parallel(args, ns.dp_size)
     return _generate(ns, engine)
 
 

@@ -27,7 +27,7 @@ _STATE_CHANGING_GETS = ("/flush_cache",)
 _LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
-class _Guard:
+class RequestGuard:
     """ASGI middleware in front of every endpoint. Refuses, with a JSON error:
     a Host not allowed (403, DNS rebinding; see `allowed_hosts`), a state-changing request (any
     POST, GET /flush_cache) from a foreign browser Origin (403, CSRF), a missing API key (401),

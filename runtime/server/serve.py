@@ -53,7 +53,7 @@ def launch_server(args: ServerArgs) -> int:
     ipc_dir = None if abstract_ipc_supported() else tempfile.mkdtemp(prefix="radixflow-ipc-")
     sock = None
     try:
-        sock = _bind(args.host, args.port)
+        sock = bind_listen_socket(args.host, args.port)
         model_path = resolve_model_path(args.engine.model)
         tokenizer_path = args.engine.tokenizer or model_path
         addrs = IpcAddresses.abstract() if ipc_dir is None else IpcAddresses.in_dir(ipc_dir)
@@ -65,7 +65,8 @@ def launch_server(args: ServerArgs) -> int:
         infos = children.wait_ready(args.startup_timeout)
         for sig in (signal.SIGINT, signal.SIGTERM):  # from now on: record, and shut down in order
             signal.signal(sig, lambda signum, frame: signals.append(signum))
-        return _run(_serve(args, model_path, tokenizer, addrs, infos["scheduler"], children, sock, signals))
+        serving = _serve(args, model_path, tokenizer, addrs, infos["scheduler"], children, sock, signals)
+        return run_until_stopped(serving)
     except _Interrupted:
         return 0
     except (RuntimeError, OSError, ValueError) as e:
@@ -79,7 +80,8 @@ def launch_server(args: ServerArgs) -> int:
             shutil.rmtree(ipc_dir, ignore_errors=True)
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind_listen_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port, inheritable; OSError naming the address if taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -93,7 +95,8 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _run(coro) -> int:
+def run_until_stopped(coro) -> int:
+    """Run the server coroutine on uvloop (asyncio where uvloop is missing); its exit code."""
     try:
         import uvloop
     except ImportError:  # Windows
