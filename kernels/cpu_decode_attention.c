@@ -3,8 +3,8 @@
  * sharing each K/V row read. Online softmax over blocks of keys. Built and loaded by
  * radixflow/kernels/cpu_ext.py; reference: kernels/reference.py decode_attention_ref.
  *
- * q, out:   (B, H, D) contiguous
- * k_buf, v_buf: (num_slots, Hkv, D) contiguous
+ * q, out:   (B, H, D) contiguous fp32
+ * k_buf, v_buf: (num_slots, Hkv, D) contiguous, fp32, fp16 or bf16 (cpu_attn_body.h, once per type)
  * req_to_token: int32 rows of `r2t_stride` slot indices; rows[b] is request b's row
  * seq_lens[b]: number of keys of request b (>= 1)
  */
@@ -28,51 +28,7 @@ static void init_state(float acc[][MAX_D], float *m, float *l, int G, int D) {
     }
 }
 
-static void attend_one(const float *q, const float *k_buf, const float *v_buf, const int32_t *slots,
-                       int64_t n, int Hkv, int hk, int G, int D, float scale, float *out) {
-    float acc[MAX_G][MAX_D];
-    float m[MAX_G], l[MAX_G];
-    float s[MAX_G][BLOCK];
-    init_state(acc, m, l, G, D);
-    for (int64_t start = 0; start < n; start += BLOCK) {
-        int nb = (int)((n - start) < BLOCK ? (n - start) : BLOCK);
-        for (int j = 0; j < nb; j++) {
-            const float *k = k_buf + ((int64_t)slots[start + j] * Hkv + hk) * D;
-            for (int g = 0; g < G; g++) {
-                const float *qg = q + (int64_t)g * D;
-                float dot = 0.f;
-                for (int d = 0; d < D; d++) dot += qg[d] * k[d];
-                s[g][j] = dot * scale;
-            }
-        }
-        for (int g = 0; g < G; g++) {
-            float mb = m[g];
-            for (int j = 0; j < nb; j++) mb = s[g][j] > mb ? s[g][j] : mb;
-            float corr = m[g] == -INFINITY ? 0.f : expf(m[g] - mb);
-            m[g] = mb;
-            l[g] *= corr;
-            for (int d = 0; d < D; d++) acc[g][d] *= corr;
-            float sum = 0.f;
-            for (int j = 0; j < nb; j++) {
-                s[g][j] = exp_neg(s[g][j] - mb);
-                sum += s[g][j];
-            }
-            l[g] += sum;
-        }
-        for (int j = 0; j < nb; j++) {
-            const float *v = v_buf + ((int64_t)slots[start + j] * Hkv + hk) * D;
-            for (int g = 0; g < G; g++) {
-                float p = s[g][j];
-                float *a = acc[g];
-                for (int d = 0; d < D; d++) a[d] += p * v[d];
-            }
-        }
-    }
-    for (int g = 0; g < G; g++) {
-        float inv = 1.f / l[g];
-        for (int d = 0; d < D; d++) out[(int64_t)g * D + d] = acc[g][d] * inv;
-    }
-}
+/* attend_one, the generic path: see cpu_attn_body.h */
 
 #if defined(__AVX2__) && defined(__FMA__)
 /* The AVX2 path: the same online softmax with the arithmetic in registers. Scores take each K
@@ -109,110 +65,72 @@ static inline __m256 exp_neg8(__m256 x) {
     return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
 }
 
-static inline void prefetch_row(const float *row, int D) {
-    for (int d = 0; d < D; d += 16) _mm_prefetch((const char *)(row + d), _MM_HINT_T0);
+#endif
+
+/* K/V element types: fp32, fp16 (IEEE half) and bf16, each read as fp32. */
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0x1F) bits = sign | 0x7F800000u | (man << 13);               /* inf, nan */
+    else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);           /* normal */
+    else if (!man) bits = sign;                                               /* zero */
+    else {                                                                    /* subnormal */
+        int e = -1;
+        do { man <<= 1; e++; } while (!(man & 0x400));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3FF) << 13);
+    }
+    union { uint32_t u; float f; } v = {bits};
+    return v.f;
+}
+static inline float bf16_to_float(uint16_t h) {
+    union { uint32_t u; float f; } v = {(uint32_t)h << 16};
+    return v.f;
 }
 
-/* s[g][j] = scale * q_g . k_j for GC (1..4) heads starting at g0. */
-static inline __attribute__((always_inline)) void scores_gc(const float *q, const float *k, int D, int g0,
-                                                            float scale, int j, float s[][BLOCK], const int GC) {
-    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int d = 0; d < D; d += 8) {
-        __m256 kv = _mm256_loadu_ps(k + d);
-        for (int i = 0; i < GC; i++) a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (int64_t)(g0 + i) * D + d), kv, a[i]);
-    }
-    for (int i = 0; i < GC; i++) s[g0 + i][j] = hsum8(a[i]) * scale;
-}
-
-/* acc[g0..g0+GC)[d0..d0+8*NV) += sum_j s[g][j] * v_j[d0..], the tile held in registers. */
-static inline __attribute__((always_inline)) void pv_tile(float acc[][MAX_D], float s[][BLOCK], const float *const *vr,
-                                                          int nb, int g0, int d0, const int GC, const int NV) {
-    __m256 c[3][4];
-    for (int i = 0; i < GC; i++)
-        for (int t = 0; t < NV; t++) c[i][t] = _mm256_loadu_ps(&acc[g0 + i][d0 + 8 * t]);
-    for (int j = 0; j < nb; j++) {
-        const float *v = vr[j] + d0;
-        __m256 vv[4];
-        for (int t = 0; t < NV; t++) vv[t] = _mm256_loadu_ps(v + 8 * t);
-        for (int i = 0; i < GC; i++) {
-            __m256 p = _mm256_broadcast_ss(&s[g0 + i][j]);
-            for (int t = 0; t < NV; t++) c[i][t] = _mm256_fmadd_ps(p, vv[t], c[i][t]);
-        }
-    }
-    for (int i = 0; i < GC; i++)
-        for (int t = 0; t < NV; t++) _mm256_storeu_ps(&acc[g0 + i][d0 + 8 * t], c[i][t]);
-}
-
-static void pv_heads(float acc[][MAX_D], float s[][BLOCK], const float *const *vr, int nb, int g0, int D, const int GC) {
-    int d0 = 0;
-    for (; d0 + 32 <= D; d0 += 32) pv_tile(acc, s, vr, nb, g0, d0, GC, 4);
-    for (; d0 < D; d0 += 8) pv_tile(acc, s, vr, nb, g0, d0, GC, 1);
-}
-
-static void attend_one_avx2(const float *q, const float *k_buf, const float *v_buf, const int32_t *slots,
-                            int64_t n, int Hkv, int hk, int G, int D, float scale, float *out) {
-    float acc[MAX_G][MAX_D] __attribute__((aligned(32)));
-    float s[MAX_G][BLOCK] __attribute__((aligned(32)));
-    float m[MAX_G], l[MAX_G];
-    const float *kr[BLOCK], *vr[BLOCK];
-    const int64_t row = (int64_t)Hkv * D, off = (int64_t)hk * D;
-    init_state(acc, m, l, G, D);
-    for (int64_t start = 0; start < n; start += BLOCK) {
-        int nb = (int)((n - start) < BLOCK ? (n - start) : BLOCK);
-        int64_t next = start + BLOCK;
-        int nn = next < n ? (int)((n - next) < BLOCK ? (n - next) : BLOCK) : 0;
-        for (int j = 0; j < nb; j++) {
-            kr[j] = k_buf + (int64_t)slots[start + j] * row + off;
-            vr[j] = v_buf + (int64_t)slots[start + j] * row + off;
-        }
-        for (int j = 0; j < nb; j++) {
-            if (j < nn) prefetch_row(k_buf + (int64_t)slots[next + j] * row + off, D);
-            int g0 = 0;
-            for (; g0 + 4 <= G; g0 += 4) scores_gc(q, kr[j], D, g0, scale, j, s, 4);
-            switch (G - g0) {
-                case 3: scores_gc(q, kr[j], D, g0, scale, j, s, 3); break;
-                case 2: scores_gc(q, kr[j], D, g0, scale, j, s, 2); break;
-                case 1: scores_gc(q, kr[j], D, g0, scale, j, s, 1); break;
-                default: break;
-            }
-        }
-        int nb8 = (nb + 7) & ~7;
-        for (int g = 0; g < G; g++) {
-            for (int j = nb; j < nb8; j++) s[g][j] = -INFINITY;
-            float mb = m[g];
-            for (int j = 0; j < nb; j++) mb = s[g][j] > mb ? s[g][j] : mb;
-            float corr = m[g] == -INFINITY ? 0.f : expf(m[g] - mb);
-            m[g] = mb;
-            __m256 mv = _mm256_set1_ps(mb), sum = _mm256_setzero_ps();
-            for (int j = 0; j < nb8; j += 8) {
-                __m256 e = exp_neg8(_mm256_sub_ps(_mm256_load_ps(&s[g][j]), mv));
-                _mm256_store_ps(&s[g][j], e);
-                sum = _mm256_add_ps(sum, e);
-            }
-            l[g] = l[g] * corr + hsum8(sum);
-            if (corr != 1.f) {
-                __m256 cv = _mm256_set1_ps(corr);
-                for (int d = 0; d < D; d += 8) _mm256_store_ps(&acc[g][d], _mm256_mul_ps(_mm256_load_ps(&acc[g][d]), cv));
-            }
-        }
-        for (int j = 0; j < nn; j++) prefetch_row(v_buf + (int64_t)slots[next + j] * row + off, D);
-        int g0 = 0;
-        for (; g0 + 3 <= G; g0 += 3) pv_heads(acc, s, vr, nb, g0, D, 3);
-        if (G - g0 == 2) pv_heads(acc, s, vr, nb, g0, D, 2);
-        if (G - g0 == 1) pv_heads(acc, s, vr, nb, g0, D, 1);
-    }
-    for (int g = 0; g < G; g++) {
-        float inv = 1.f / l[g];
-        for (int d = 0; d < D; d++) out[(int64_t)g * D + d] = acc[g][d] * inv;
-    }
+#define KV_T float
+#define FN(name) name##_f32
+#define LD1(p) (*(p))
+#define LD8(p) _mm256_loadu_ps(p)
+#include "cpu_attn_body.h"
+#undef KV_T
+#undef FN
+#undef LD1
+#undef LD8
+#define KV_T uint16_t
+#define FN(name) name##_f16
+#if defined(__F16C__)
+#define LD1(p) _cvtsh_ss(*(p))
+#define LD8(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#else
+#define LD1(p) half_to_float(*(p))
+#define LD8(p) load8_half(p)
+static inline __m256 load8_half(const uint16_t *p) {
+    float f[8];
+    for (int i = 0; i < 8; i++) f[i] = half_to_float(p[i]);
+    return _mm256_loadu_ps(f);
 }
 #endif
+#include "cpu_attn_body.h"
+#undef KV_T
+#undef FN
+#undef LD1
+#undef LD8
+#define KV_T uint16_t
+#define FN(name) name##_bf16
+#define LD1(p) bf16_to_float(*(p))
+#define LD8(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+#include "cpu_attn_body.h"
+#undef KV_T
+#undef FN
+#undef LD1
+#undef LD8
 
 typedef void (*rf_task)(void *arg, int t, int n);
 void rf_parallel(rf_task fn, void *arg, int n);  /* cpu_pool.c */
 
 typedef struct {
-    const float *q, *k_buf, *v_buf;
+    const float *q;
+    const void *k_buf, *v_buf;
+    int kv_dtype;  /* 0 fp32, 1 fp16, 2 bf16 */
     const int32_t *req_to_token;
     int64_t r2t_stride;
     const int64_t *rows, *seq_lens;
@@ -232,25 +150,32 @@ static void attn_part(void *p, int t, int n) {
         const int32_t *slots = a->req_to_token + a->rows[b] * a->r2t_stride;
         const float *qb = a->q + ((int64_t)b * H + (int64_t)hk * G) * D;
         float *ob = a->out + ((int64_t)b * H + (int64_t)hk * G) * D;
+        int64_t n = a->seq_lens[b];
 #if defined(__AVX2__) && defined(__FMA__)
         if (D % 8 == 0) {
-            attend_one_avx2(qb, a->k_buf, a->v_buf, slots, a->seq_lens[b], Hkv, hk, G, D, a->scale, ob);
+            if (a->kv_dtype == 1) attend_one_avx2_f16(qb, a->k_buf, a->v_buf, slots, n, Hkv, hk, G, D, a->scale, ob);
+            else if (a->kv_dtype == 2) attend_one_avx2_bf16(qb, a->k_buf, a->v_buf, slots, n, Hkv, hk, G, D, a->scale, ob);
+            else attend_one_avx2_f32(qb, a->k_buf, a->v_buf, slots, n, Hkv, hk, G, D, a->scale, ob);
             continue;
         }
 #endif
-        attend_one(qb, a->k_buf, a->v_buf, slots, a->seq_lens[b], Hkv, hk, G, D, a->scale, ob);
+        if (a->kv_dtype == 1) attend_one_f16(qb, a->k_buf, a->v_buf, slots, n, Hkv, hk, G, D, a->scale, ob);
+        else if (a->kv_dtype == 2) attend_one_bf16(qb, a->k_buf, a->v_buf, slots, n, Hkv, hk, G, D, a->scale, ob);
+        else attend_one_f32(qb, a->k_buf, a->v_buf, slots, n, Hkv, hk, G, D, a->scale, ob);
     }
 }
 
 /* Returns 0, or -1 if the shapes exceed the kernel's fixed limits (the caller falls back).
+ * k_buf / v_buf hold fp32 (kv_dtype 0), fp16 (1) or bf16 (2) elements; q and out are fp32.
  * (request, kv head) items are shared among `threads` threads (cpu_pool.c). */
-int decode_attention_f32(const float *q, const float *k_buf, const float *v_buf,
+int decode_attention_f32(const float *q, const void *k_buf, const void *v_buf,
                          const int32_t *req_to_token, int64_t r2t_stride, const int64_t *rows,
                          const int64_t *seq_lens, int B, int H, int Hkv, int D, float scale,
-                         float *out, int threads) {
+                         float *out, int threads, int kv_dtype) {
     int G = H / Hkv;
-    if (G > MAX_G || D > MAX_D || G * Hkv != H) return -1;
-    attn_args a = {q, k_buf, v_buf, req_to_token, r2t_stride, rows, seq_lens, B, H, Hkv, D, G, scale, out, 0};
+    if (G > MAX_G || D > MAX_D || G * Hkv != H || kv_dtype < 0 || kv_dtype > 2) return -1;
+    attn_args a = {q, k_buf, v_buf, kv_dtype, req_to_token, r2t_stride, rows, seq_lens, B, H, Hkv, D, G, scale,
+                   out, 0};
     int items = B * Hkv;
     rf_parallel(attn_part, &a, items < threads ? items : threads);
     return 0;

@@ -1,7 +1,8 @@
 """CPU kernels in C, compiled on first use with the system's C compiler and loaded with ctypes.
 
   decode_attention(q, k_buffer, v_buffer, req_to_token, rows, seq_lens, scale) -> out
-      paged decode attention, fp32: K/V read in place through req_to_token (no gathered copy),
+      paged decode attention, fp32 math on an fp32, fp16 or bf16 pool: K/V read in place through
+      req_to_token (no gathered copy),
       grouped-query heads sharing each row read (source: cpu_decode_attention.c).
   rms_norm(x, weight, eps, residual=None) -> out | (out, x + residual)
       RMSNorm with the residual add fused in, one pass per row (source: cpu_rmsnorm.c).
@@ -39,7 +40,8 @@ logger = logging.getLogger(__name__)
 
 _SRCS = [Path(__file__).with_name(n) for n in ("cpu_decode_attention.c", "cpu_rmsnorm.c", "cpu_gemm.c",
                                                 "cpu_elementwise.c", "cpu_pool.c")]
-_HEADERS = [Path(__file__).with_name("cpu_math.h")]  # included by the sources; part of the build's hash
+# Included by the sources; part of the build's hash.
+_HEADERS = [Path(__file__).with_name(n) for n in ("cpu_math.h", "cpu_attn_body.h")]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -91,7 +93,7 @@ def _load() -> ctypes.CDLL | None:
             logger.warning("CPU kernels unavailable, using the PyTorch path: %s", e)
             return None
         p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-        lib.decode_attention_f32.argtypes = [p, p, p, p, i64, p, p, i32, i32, i32, i32, f32, p, i32]
+        lib.decode_attention_f32.argtypes = [p, p, p, p, i64, p, p, i32, i32, i32, i32, f32, p, i32, i32]
         lib.decode_attention_f32.restype = i32
         lib.rmsnorm_f32.argtypes = [p, p, p, i64, i64, f32, p, p]
         lib.rmsnorm_f32.restype = None
@@ -112,22 +114,32 @@ def available() -> bool:
     return _load() is not None
 
 
+def parallel_fn_address() -> int | None:
+    """The address of cpu_pool.c's rf_parallel (other C libraries run their tasks on this one
+    pool), or None when the kernels are not available."""
+    lib = _load()
+    return None if lib is None else ctypes.cast(lib.rf_parallel, ctypes.c_void_p).value
+
+
 def decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
                      req_to_token: torch.Tensor, rows: torch.Tensor, seq_lens: torch.Tensor,
                      scale: float, threads: int | None = None) -> torch.Tensor:
-    """q (B, Hq, D) fp32 -> (B, Hq, D): request b attends to pool rows
+    """q (B, Hq, D) fp32 -> (B, Hq, D) fp32: request b attends to pool rows
     req_to_token[rows[b], :seq_lens[b]] (seq_lens >= 1); query head h reads kv head h // (Hq // Hkv).
-    k/v_buffer (slots, Hkv, D) fp32 contiguous CPU; req_to_token int32 contiguous; rows,
-    seq_lens int64. `threads`: default torch.get_num_threads(). Raises ValueError on anything else."""
+    k/v_buffer (slots, Hkv, D) contiguous CPU, both fp32, fp16 or bf16 (read in place, math in
+    fp32); req_to_token int32 contiguous; rows, seq_lens int64. `threads`: default
+    torch.get_num_threads(). Raises ValueError on anything else."""
     lib = _load()
     if lib is None:
         raise RuntimeError("CPU kernels are not available")
     B, H, D = q.shape
     Hkv = k_buffer.shape[1]
+    kv_dtype = _KV_DTYPES.get(k_buffer.dtype)
     for name, t in (("k_buffer", k_buffer), ("v_buffer", v_buffer)):
-        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or t.shape[1:] != (Hkv, D):
-            raise ValueError(f"{name} must be a contiguous fp32 CPU tensor (slots, {Hkv}, {D}), got "
-                             f"{t.dtype} {tuple(t.shape)}")
+        if (kv_dtype is None or t.dtype != k_buffer.dtype or t.device.type != "cpu" or not t.is_contiguous()
+                or t.shape[1:] != (Hkv, D)):
+            raise ValueError(f"{name} must be a contiguous fp32, fp16 or bf16 CPU tensor (slots, {Hkv}, {D}) "
+                             f"like k_buffer, got {t.dtype} {tuple(t.shape)}")
     if req_to_token.dtype != torch.int32 or not req_to_token.is_contiguous():
         raise ValueError("req_to_token must be a contiguous int32 tensor")
     if rows.shape != (B,) or seq_lens.shape != (B,):
@@ -139,10 +151,13 @@ def decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
     rc = lib.decode_attention_f32(q.data_ptr(), k_buffer.data_ptr(), v_buffer.data_ptr(),
                                   req_to_token.data_ptr(), req_to_token.stride(0), rows.data_ptr(),
                                   seq_lens.data_ptr(), B, H, Hkv, D, float(scale), out.data_ptr(),
-                                  threads or torch.get_num_threads())
+                                  threads or torch.get_num_threads(), kv_dtype)
     if rc != 0:
         raise ValueError(f"shape not supported by the CPU kernel: {H} q heads, {Hkv} kv heads, head_dim {D}")
     return out
+
+
+_KV_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def _check_rows(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:

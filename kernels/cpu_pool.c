@@ -108,6 +108,9 @@ void rf_parallel(rf_task fn, void *arg, int n) {
     atomic_fetch_add(&gen, 1);
     if (atomic_load(&sleepers)) syscall(SYS_futex, &gen, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
     fn(arg, 0, n);
-    while (atomic_load(&pending)) CPU_RELAX();
+    /* Yield now and then: on an oversubscribed machine a worker may be waiting for this very core,
+     * and spinning through our whole time slice would stall every kernel call by a slice. */
+    for (int spins = 0; atomic_load(&pending);)
+        if (++spins % 256) CPU_RELAX(); else sched_yield();
     pthread_mutex_unlock(&call_lock);
 }

@@ -110,3 +110,27 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     """x (T, 2I) -> silu(x[:, :I]) * x[:, I:] (T, I), in float32, cast to x's dtype."""
     gate, up = x.float().chunk(2, dim=-1)
     return (F.silu(gate) * up).to(x.dtype)
+
+
+def quantize_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) fp32, K % 32 == 0 -> (q (M, K) int16-valued fp64, dx (M, K / 32) fp32): per block
+    of 32, dx = amax / 32767 and q = round-half-even(x * (1 / dx)), 0 where amax == 0 (cpu_qmm.c)."""
+    M, K = x.shape
+    g = x.float().view(M, K // 32, 32)
+    dx = g.abs().amax(-1) / 32767
+    inv = torch.where(dx > 0, 1 / dx, torch.zeros_like(dx))
+    return torch.round(g * inv[..., None]).view(M, K).double(), dx
+
+
+def qlinear_ref(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    """The integer path of cpu_quant.linear: W = d * q + m per block of 32 ((N, K) quants,
+    (N, K / 32) scales and mins), x quantized by quantize_rows_ref; y[i, n] = sum_b d[n, b] dx[i, b]
+    (q_w . q_x)_b + sum_b m[n, b] dx[i, b] sum(q_x)_b, in fp64. Returns fp32 (M, N)."""
+    M, K = x.shape
+    N = q.shape[0]
+    qx, dx = quantize_rows_ref(x)
+    dots = torch.einsum("mbk,nbk->mnb", qx.view(M, K // 32, 32), q.double().view(N, K // 32, 32))
+    y = (dots * d.double()[None] * dx.double()[:, None]).sum(-1)
+    if m is not None:
+        y += (qx.view(M, K // 32, 32).sum(-1) * dx.double()) @ m.double().T
+    return y.float()

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 
 GEMM_BACKENDS = ("auto", "torch", "openblas", "packed")
+QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4")
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 SCHEDULE_POLICIES = ("lpm", "dfs-weight", "fcfs")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -20,7 +22,7 @@ class EngineConfig:
     """Everything the scheduler and model runner need. `model=None` means the default model.
 
     KV pool size: `max_total_tokens` if set, else `mem_fraction` of free device memory (of
-    RAM on CPU), capped by `max_running_requests * context_length`.
+    RAM on CPU, and at most 512 MiB there), capped by `max_running_requests * context_length`.
     """
 
     model: str | None = None
@@ -42,6 +44,10 @@ class EngineConfig:
     disable_mixed_batch: bool = False  # True: prefill steps and decode steps alternate, never share a forward
     num_threads: int | None = None  # torch CPU threads; None = leave as is
     cpu_gemm: str = "auto"  # fp32 CPU matmuls: auto | torch | openblas | packed (see runtime/cpu_gemm.py)
+    # CPU weights: auto (a GGUF-converted model runs on its own 4/8-bit blocks, others fp32) | none (fp32)
+    # | gguf | int8 | int4 (weight-only, per group of 32, quantized at load); see runtime/model/quant_linear.py
+    quantization: str = "auto"
+    kv_cache_dtype: str = "auto"  # auto = float16 on CPU, the model dtype on CUDA | float32 | float16 | bfloat16
     random_seed: int = 0
     stream_interval: int = 1
     # An idle in-process Engine that starts receiving requests waits for each next one while they
@@ -57,6 +63,10 @@ class EngineConfig:
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.cpu_gemm not in GEMM_BACKENDS:
             raise ValueError(f"cpu_gemm must be one of {GEMM_BACKENDS}, got {self.cpu_gemm!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if not 0 < self.mem_fraction <= 1:

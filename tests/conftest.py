@@ -23,10 +23,12 @@ def default_model_path() -> str:
 
 @pytest.fixture(scope="session")
 def engine(default_model_path: str):
-    """One in-process Engine on the default model for the whole session (fp32, CPU)."""
+    """One in-process Engine on the default model for the whole session: fp32 weights and KV
+    (the path the Hugging Face parity tests compare; tests/test_quant_model.py runs the quantized one)."""
     from radixflow.runtime.engine import Engine
 
     eng = Engine(default_model_path, max_total_tokens=24576, max_running_requests=48,
+                 quantization="none", kv_cache_dtype="float32",
                  chunked_prefill_size=512, max_prefill_tokens=2048)
     yield eng
     eng.shutdown()

@@ -27,7 +27,10 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 POOL_SIZE = 3072
 SHARED_ARGS = ["--max-total-tokens", str(POOL_SIZE), "--max-running-requests", "64", "--api-key", API_KEY,
                "--max-n", "4", "--max-new-tokens-limit", "512", "--max-request-bytes", "200000",
-               "--log-interval", "0", "--log-level", "warning"]
+               "--log-interval", "0", "--log-level", "warning",
+               # The exact fp32 path, as the session's `engine` fixture runs: tests compare the two, and
+               # batched against single runs (the quantized kernels round differently below 8 rows).
+               "--quantization", "none", "--kv-cache-dtype", "float32"]
 
 
 class ServerProcess:

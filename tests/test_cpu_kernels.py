@@ -43,6 +43,21 @@ def test_decode_kernel_matches_reference(hq, hkv, d, scattered):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (10, 2, 40), (6, 3, 36)])
+def test_decode_kernel_reads_half_precision_pools(hq, hkv, d, dtype):
+    """An fp16 / bf16 pool is read in place and computed in fp32: the fp32 reference on the same
+    (rounded) values, on the vectorized path and the portable one (d = 36)."""
+    lens = [1, 65, 200]
+    k, v, r2t, rows, sl = _world(hkv, d, lens, True)
+    k, v = k.to(dtype), v.to(dtype)
+    q = torch.randn(len(lens), hq, d)
+    want = decode_attention_ref(q, k.float(), v.float(), r2t, rows, sl, d ** -0.5)
+    got = cpu_ext.decode_attention(q, k, v, r2t, rows, sl, d ** -0.5)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+
+
 def test_decode_kernel_large_scores_do_not_overflow():
     k, v, r2t, rows, sl = _world(2, 16, [50, 130], False)
     q = torch.randn(2, 4, 16) * 100  # softmax of scores in the thousands: max-subtraction must hold
@@ -56,6 +71,8 @@ def test_decode_kernel_rejects_bad_input():
     k, v, r2t, rows, sl = _world(2, 16, [5, 9], False)
     q = torch.randn(2, 4, 16)
     with pytest.raises(ValueError, match="k_buffer must be a contiguous fp32"):
+        cpu_ext.decode_attention(q, k.double(), v.double(), r2t, rows, sl, 1.0)
+    with pytest.raises(ValueError, match="v_buffer must be .* like k_buffer"):
         cpu_ext.decode_attention(q, k.bfloat16(), v, r2t, rows, sl, 1.0)
     with pytest.raises(ValueError, match="req_to_token must be a contiguous int32"):
         cpu_ext.decode_attention(q, k, v, r2t.long(), rows, sl, 1.0)

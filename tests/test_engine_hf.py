@@ -95,7 +95,8 @@ def test_each_cpu_gemm_backend_matches_hf(default_model_path, hf_model, prompt_i
     """Every CPU matmul path (runtime/cpu_gemm.py) gives HF's greedy tokens and prefill logits."""
     from radixflow.runtime.engine import Engine
 
-    with Engine(default_model_path, max_total_tokens=2048, max_running_requests=4, cpu_gemm=gemm) as eng:
+    with Engine(default_model_path, max_total_tokens=2048, max_running_requests=4, cpu_gemm=gemm,
+                quantization="none", kv_cache_dtype="float32") as eng:
         assert eng.scheduler.runner.gemm_backend == gemm
         # OpenBLAS's spinning threads would starve the attention kernel's pool worker.
         assert eng.scheduler.runner.attn_backend.kernel_threads == (1 if gemm == "openblas" else None)
@@ -155,7 +156,7 @@ def test_small_random_checkpoints_match_hf(tmp_path, default_model_path, kind):
     with torch.no_grad():
         refs = [hf_greedy(hf, p, 12) for p in prompts]
         ref_logits = [hf(torch.tensor([p])).logits[0].log_softmax(-1) for p in prompts]
-    with Engine(path, max_total_tokens=2048, max_running_requests=8) as eng:
+    with Engine(path, max_total_tokens=2048, max_running_requests=8, kv_cache_dtype="float32") as eng:
         res = eng.generate(input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": 12,
                                                                "ignore_eos": True})
         assert [r["output_ids"] for r in res] == refs
@@ -177,7 +178,7 @@ def test_a_sliding_window_model_is_limited_to_its_window(tmp_path, default_model
     prompt = torch.randint(3, 49152, (40,), generator=torch.Generator().manual_seed(2)).tolist()
     with torch.no_grad():
         ref = hf_greedy(hf, prompt, 12)
-    with Engine(path, max_total_tokens=1024, max_running_requests=4) as eng:
+    with Engine(path, max_total_tokens=1024, max_running_requests=4, kv_cache_dtype="float32") as eng:
         assert eng.context_length == 64
         r = eng.generate(input_ids=prompt, sampling_params={"temperature": 0, "max_new_tokens": 12,
                                                             "ignore_eos": True})

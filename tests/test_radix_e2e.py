@@ -19,7 +19,8 @@ from radixflow.runtime.scheduler.schedule_policy import SchedulePolicy
 def engine_nocache(default_model_path):
     """The reference: no prefix sharing and no chunked prefill."""
     eng = Engine(default_model_path, max_total_tokens=24576, max_running_requests=48,
-                 disable_radix_cache=True, chunked_prefill_size=0, max_prefill_tokens=4096)
+                 quantization="none", kv_cache_dtype="float32", disable_radix_cache=True,
+                 chunked_prefill_size=0, max_prefill_tokens=4096)
     yield eng
     eng.shutdown()
 
@@ -177,7 +178,7 @@ def test_tiny_pool_evicts_and_retracts_yet_completes(default_model_path, engine_
     params = {"temperature": 0, "max_new_tokens": 40, "ignore_eos": True}
     ref = engine_nocache.generate(input_ids=prompts, sampling_params=params)
     with Engine(default_model_path, max_total_tokens=700, max_running_requests=24,
-                chunked_prefill_size=64) as small:
+                chunked_prefill_size=64, quantization="none", kv_cache_dtype="float32") as small:
         # Warm the cache with unrelated prompts so eviction has something to do.
         small.generate(input_ids=[[rng.randrange(100, 49000) for _ in range(60)] for _ in range(6)],
                        sampling_params={"temperature": 0, "max_new_tokens": 2})

@@ -325,8 +325,8 @@ def test_mixed_batch_prefill_and_decode_tail(heads, dtype, kernel):
     through the extend path, the tail through the decode plan (buckets, cascade or the kernel)."""
     from radixflow.kernels import cpu_ext
 
-    if kernel and (dtype != torch.float32 or not cpu_ext.available()):
-        pytest.skip("the CPU kernel serves fp32 pools")
+    if kernel and (dtype not in (torch.float32, torch.float16, torch.bfloat16) or not cpu_ext.available()):
+        pytest.skip("the CPU kernel serves fp32, fp16 and bf16 pools")
     hq, hkv = heads
     world = World(hkv, dtype)
     backend = TorchAttnBackend(world.kv_pool, world.r2t, use_cpu_kernel=kernel)

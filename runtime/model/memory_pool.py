@@ -81,8 +81,19 @@ class KVPool:
         self.head_dim = head_dim
         self.dtype = dtype
         shape = (num_slots + 1, kv_heads, head_dim)
-        self.k_buffer = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v_buffer = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k_buffer = [self._alloc(shape, dtype, device) for _ in range(num_layers)]
+        self.v_buffer = [self._alloc(shape, dtype, device) for _ in range(num_layers)]
+
+    @staticmethod
+    def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        """Zeros on a GPU. On the CPU only slot 0 (the padding slot, which padded reads may touch) is
+        zeroed: a slot is read only after a token's K/V are written there (the pool invariant), so the
+        rest stays untouched and takes no resident memory until it is first used."""
+        if torch.device(device).type != "cpu":
+            return torch.zeros(shape, dtype=dtype, device=device)
+        buf = torch.empty(shape, dtype=dtype)
+        buf[0].zero_()
+        return buf
 
     @staticmethod
     def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

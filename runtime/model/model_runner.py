@@ -10,18 +10,21 @@ import time
 import torch
 from safetensors import safe_open
 
-from radixflow.kernels import cpu_ext
+from radixflow.kernels import cpu_ext, cpu_quant
 from radixflow.runtime.config import EngineConfig
+from radixflow.runtime.loading.gguf import GGUF_FILE
 from radixflow.runtime.model import cpu_gemm
 from radixflow.runtime.model.attention.base import AttentionBackend
 from radixflow.runtime.model.forward_batch import ForwardBatch
 from radixflow.runtime.model.llama import LlamaForCausalLM, RotaryEmbedding
 from radixflow.runtime.model.memory_pool import KVPool, ReqToTokenPool, TokenAllocator
 from radixflow.runtime.model.model_config import ModelConfig
+from radixflow.runtime.model.quant_linear import load_quantized, quantize_at_load
 
 logger = logging.getLogger(__name__)
 
 _MAX_DEFAULT_CONTEXT = 32768
+_CPU_POOL_CAP_BYTES = 512 << 20  # default KV pool on CPU: at most this (max_total_tokens overrides)
 
 
 def _available_memory(device: torch.device) -> int:
@@ -57,6 +60,7 @@ class ModelRunner:
         self.model_path = model_path
         self.device = config.resolved_device()
         self.dtype = config.resolved_dtype()
+        self.kv_dtype = _kv_dtype(config.kv_cache_dtype, self.device, self.dtype)
         if config.num_threads is not None and self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
         self.model_config = mc = ModelConfig.from_folder(model_path)
@@ -67,10 +71,14 @@ class ModelRunner:
 
         backend = config.resolved_attention_backend()
         fused = backend == "triton"  # the Triton path also fuses norm, rope and activation
+        self.quantization = self._choose_quantization(config.quantization)
         with torch.device("meta"):
             model = LlamaForCausalLM(mc, max_positions=1, fused_kernels=fused)
-        model = model.to_empty(device=self.device)
-        model.load_weights(iter_safetensors(model_path))
+        if self.quantization == "none":
+            model = model.to_empty(device=self.device)
+            model.load_weights(iter_safetensors(model_path))
+        else:
+            load_quantized(model, self._quantized_weights(mc), self.device)
         self.model = model.to(self.dtype).eval()
         # The rope cache is a buffer: build it for real after the cast, so it stays fp32.
         self.model.rope = RotaryEmbedding(mc, self.context_length, fused).to(self.device)
@@ -80,12 +88,35 @@ class ModelRunner:
         self.req_to_token_pool = ReqToTokenPool(config.max_running_requests + 1, self.context_length,
                                                 self.device)
         self.kv_pool = KVPool(self.num_slots, mc.num_layers, mc.num_kv_heads, mc.head_dim,
-                              self.dtype, self.device)
+                              self.kv_dtype, self.device)
         self.allocator = TokenAllocator(self.num_slots)
         self.attn_backend = self._make_backend(backend)
-        logger.info("model loaded in %.2fs: %s, %d KV slots, context %d, %s on %s, %s GEMMs",
-                    time.perf_counter() - t0, mc.architecture, self.num_slots, self.context_length,
-                    self.dtype, self.device, self.gemm_backend)
+        logger.info("model loaded in %.2fs: %s, %d KV slots (%s), context %d, %s on %s, %s GEMMs, weights %s",
+                    time.perf_counter() - t0, mc.architecture, self.num_slots, self.kv_dtype, self.context_length,
+                    self.dtype, self.device, self.gemm_backend, self.quantization)
+
+    def _choose_quantization(self, pref: str) -> str:
+        """'none', 'gguf', 'int8' or 'int4': auto runs a folder converted from a GGUF on the
+        GGUF's own blocks when the quantized kernels build (CPU, fp32 activations), else fp32."""
+        gguf = os.path.isfile(os.path.join(self.model_path, GGUF_FILE))
+        usable = self.device.type == "cpu" and self.dtype == torch.float32
+        if pref == "auto":
+            return "gguf" if gguf and usable and cpu_quant.available() else "none"
+        if pref == "none":
+            return pref
+        if not usable or not cpu_quant.available():
+            raise ValueError(f"quantization={pref!r} needs the CPU, fp32 activations and radixflow's quantized "
+                             "kernels (a C compiler; RADIXFLOW_DISABLE_CPU_EXT unset)")
+        if pref == "gguf" and not gguf:
+            raise ValueError(f"quantization='gguf': {self.model_path} was not converted from a GGUF file")
+        return pref
+
+    def _quantized_weights(self, mc: ModelConfig):
+        if self.quantization == "gguf":
+            from radixflow.runtime.loading.gguf_quant import iter_gguf_weights
+
+            return iter_gguf_weights(os.path.join(self.model_path, GGUF_FILE), mc.num_heads, mc.num_kv_heads)
+        return quantize_at_load(iter_safetensors(self.model_path), self.quantization)
 
     def _choose_gemm(self, pref: str) -> str:
         if self.device.type != "cpu" or self.dtype != torch.float32:
@@ -98,13 +129,18 @@ class ModelRunner:
         if cpu_ext.available():
             return "packed"
         mlp = self.model.layers[0].mlp.gate_up_proj.weight  # the largest per-layer weight
+        if mlp is None:  # quantized: no fp32 linear left to run
+            return "torch"
         return cpu_gemm.probe(mlp)
 
     def _pool_size(self, mc: ModelConfig, ctx: int) -> int:
-        per_token = KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
+        per_token = KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.kv_dtype)
         if self.config.max_total_tokens is not None:
             return self.config.max_total_tokens
-        budget = int(_available_memory(self.device) * self.config.mem_fraction) // per_token
+        budget = int(_available_memory(self.device) * self.config.mem_fraction)
+        if self.device.type == "cpu":  # a server on a laptop or a small VM: the pool is the largest allocation
+            budget = min(budget, _CPU_POOL_CAP_BYTES)
+        budget //= per_token
         return max(64, min(budget, self.config.max_running_requests * ctx))
 
     def _make_backend(self, name: str) -> AttentionBackend:
@@ -133,6 +169,17 @@ class ModelRunner:
         last_rows = batch.extend_start_loc + batch.extend_lens - 1
         logits = self.model.compute_logits(hidden[last_rows])
         return logits, (hidden if batch.return_all_logits else None)
+
+
+_KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _kv_dtype(name: str, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The KV pool's dtype: auto = fp16 on CPU (half of fp32; the CPU attention kernel reads it in
+    place and computes in fp32), the model's dtype elsewhere."""
+    if name == "auto":
+        return torch.float16 if device.type == "cpu" else dtype
+    return _KV_DTYPES[name]
 
 
 def _within_sliding_window(ctx: int, window: int | None, explicit: bool) -> int:

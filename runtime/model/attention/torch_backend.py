@@ -79,8 +79,9 @@ class TorchAttnBackend(AttentionBackend):
         super().__init__(kv_pool, req_to_token_pool)
         self.min_shared_prefix = min_shared_prefix
         self._ws: dict[str, torch.Tensor] = {}
-        if use_cpu_kernel is None:  # fp32 pool on CPU and a C compiler at hand
-            use_cpu_kernel = kv_pool.dtype == torch.float32 and kv_pool.k_buffer[0].device.type == "cpu"
+        if use_cpu_kernel is None:  # an fp32 / fp16 / bf16 pool on CPU and a C compiler at hand
+            use_cpu_kernel = (kv_pool.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                              and kv_pool.k_buffer[0].device.type == "cpu")
             if use_cpu_kernel:
                 from radixflow.kernels import cpu_ext
                 use_cpu_kernel = cpu_ext.available()

@@ -1,0 +1,303 @@
+"""radixflow against llama.cpp on the same GGUF, on the same machine, in the same run (CPU).
+
+Workloads (greedy, fixed token counts):
+- prefill of 512 and 8,000 tokens (time to the first token, tok/s);
+- decode of 128 tokens at batch 1 (tok/s after the first token);
+- 16 concurrent requests (64-token prompts, 128 tokens out each; total output tok/s);
+- agent fan-out: 16 branches of 32 tokens from one 600-token shared prefix (total output tok/s).
+Plus radixflow's decode-step time split (matmuls, attention, everything else) and its memory:
+resident set after loading and after the runs, and the KV pool's size.
+
+llama.cpp comes from `llama-cpp-python` when installed (in-process, one sequence: concurrent
+requests and branches run one after another, reusing the cached prefix as it does), and/or from
+binaries given by path: `--llama-bench` (prefill / decode rows) and `--llama-server` (started
+with 16 slots for the concurrent and fan-out rows, its resident memory read from /proc). Without
+any, radixflow runs alone. Optional: never a test dependency.
+
+    python benchmarks/cpu_peers.py [--gguf PATH] [--threads 2] [--quantization auto|none]
+        [--kv-cache-dtype auto|float32] [--llama-bench PATH] [--llama-server PATH] [--skip-8k]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+
+import radixflow  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads; torch is imported in main)
+
+PREFIX_WORDS = ("the quick brown fox jumps over the lazy dog while a small bird sings in the old oak tree "
+                "near the river bank and the wind moves slowly through the tall grass of the field ").split()
+
+
+def cpu_line() -> str:
+    """The CPU model and the SIMD flags that matter here, from /proc/cpuinfo."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model in ("", platform.machine()):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    keep = sorted(f for f in flags if re.match(r"(avx|amx|f16c|fma)", f))
+    return f"CPU: {model}, {os.cpu_count()} logical cores; flags: {' '.join(keep)}"
+
+
+def words(n: int, seed: int = 0) -> str:
+    return " ".join(PREFIX_WORDS[(i * 7 + seed) % len(PREFIX_WORDS)] for i in range(n))
+
+
+def rss_mb(pid: int | str = "self") -> float:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+# -- radixflow -----------------------------------------------------------------------------------
+
+
+def radixflow_rows(args: argparse.Namespace, ids_for: Callable[[int], list[int]]) -> tuple[dict, dict]:
+    from radixflow.runtime.engine import Engine
+
+    eng = Engine(args.gguf, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                 num_threads=args.threads, max_running_requests=16, context_length=8192 + 256)
+    runner = eng.scheduler.runner
+    mem = {"after load": rss_mb()}
+    g = {"temperature": 0, "ignore_eos": True}
+    rows: dict[str, float] = {}
+    try:
+        eng.generate("warm up", {**g, "max_new_tokens": 4})
+        for n in (512, 8000):
+            if n == 8000 and args.skip_8k:
+                continue
+            eng.flush_cache()
+            rows[f"prefill {n}"] = n / timed(lambda n=n: eng.generate(input_ids=ids_for(n),
+                                                                   sampling_params={**g, "max_new_tokens": 1}))
+        eng.flush_cache()
+        t1 = timed(lambda: eng.generate(input_ids=ids_for(16), sampling_params={**g, "max_new_tokens": 1}))
+        eng.flush_cache()
+        t128 = timed(lambda: eng.generate(input_ids=ids_for(16), sampling_params={**g, "max_new_tokens": 129}))
+        rows["decode 128 @ batch 1"] = 128 / (t128 - t1)
+        prompts = [ids_for(64)[:60] + [100 + i] * 4 for i in range(16)]
+        eng.flush_cache()
+        rows["16 concurrent"] = 16 * 128 / timed(lambda: eng.generate(
+            input_ids=prompts, sampling_params={**g, "max_new_tokens": 128}))
+        prefix = ids_for(600)
+        eng.flush_cache()
+        rows["fan-out 16 x 32"] = 16 * 32 / timed(lambda: eng.generate(
+            input_ids=[prefix + [200 + i] for i in range(16)], sampling_params={**g, "max_new_tokens": 32}))
+        mem["after runs"] = rss_mb()
+        split = step_split(eng)
+    finally:
+        eng.shutdown()
+    pool = runner.kv_pool
+    mem["KV pool"] = 2 * pool.num_layers * sum(b.numel() * b.element_size() for b in pool.k_buffer[:1]) / 2**20
+    info = {"mem": mem, "split": split, "quantization": runner.quantization, "kv": str(pool.dtype),
+            "slots": pool.num_slots}
+    return rows, info
+
+
+def step_split(eng) -> dict[str, float]:
+    """ms per decode step at batch 1 in matmuls (linear layers and LM head), attention, and the rest."""
+    from radixflow.runtime.model import llama
+
+    acc = {"matmuls": 0.0, "attention": 0.0}
+    runner = eng.scheduler.runner
+
+    def wrap(obj, name: str, key: str):
+        orig = getattr(obj, name)
+
+        def timed_call(*a, **k):
+            t = time.perf_counter()
+            try:
+                return orig(*a, **k)
+            finally:
+                acc[key] += time.perf_counter() - t
+        setattr(obj, name, timed_call)
+        return orig
+
+    saved = [(llama.Linear, "forward", wrap(llama.Linear, "forward", "matmuls")),
+             (llama.LlamaForCausalLM, "compute_logits", wrap(llama.LlamaForCausalLM, "compute_logits", "matmuls")),
+             (runner.attn_backend, "forward", wrap(runner.attn_backend, "forward", "attention"))]
+    fwd = {"total": 0.0, "steps": 0}
+    orig_forward = runner.forward
+
+    def counted(batch):
+        t = time.perf_counter()
+        try:
+            return orig_forward(batch)
+        finally:
+            fwd["total"] += time.perf_counter() - t
+            fwd["steps"] += 1
+    runner.forward = counted
+    try:
+        eng.generate(input_ids=[5, 6, 7], sampling_params={"temperature": 0, "ignore_eos": True, "max_new_tokens": 65})
+    finally:
+        for obj, name, orig in saved:
+            setattr(obj, name, orig)
+        del runner.forward
+    steps = max(fwd["steps"], 1)
+    out = {k: 1e3 * v / steps for k, v in acc.items()}
+    out["other"] = 1e3 * fwd["total"] / steps - out["matmuls"] - out["attention"]
+    return out
+
+
+# -- llama.cpp -----------------------------------------------------------------------------------
+
+
+def llama_cpp_python_rows(args: argparse.Namespace, ids_for: Callable[[int], list[int]]) -> dict[str, float] | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=args.gguf, n_ctx=8192 + 256, n_threads=args.threads, n_batch=512, verbose=False)
+    rows = {}
+
+    def run(tokens: list[int], n: int) -> None:
+        for i, _ in enumerate(llm.generate(tokens, temp=0.0, reset=False)):
+            if i + 1 >= n:
+                break
+
+    for n in (512, 8000):
+        if n == 8000 and args.skip_8k:
+            continue
+        llm.reset()
+        rows[f"prefill {n}"] = n / timed(lambda n=n: run(ids_for(n), 1))
+    llm.reset()
+    t1 = timed(lambda: run(ids_for(16), 1))
+    llm.reset()
+    rows["decode 128 @ batch 1"] = 128 / (timed(lambda: run(ids_for(16), 129)) - t1)
+    prompts = [ids_for(64)[:60] + [100 + i] * 4 for i in range(16)]
+    rows["16 concurrent"] = 16 * 128 / timed(lambda: [run(p, 128) for p in prompts])
+    prefix = ids_for(600)
+    rows["fan-out 16 x 32"] = 16 * 32 / timed(lambda: [run(prefix + [200 + i], 32) for i in range(16)])
+    return rows
+
+
+def llama_bench_rows(args: argparse.Namespace) -> dict[str, float]:
+    out = subprocess.run([args.llama_bench, "-m", args.gguf, "-t", str(args.threads), "-p", "512", "-n", "128",
+                          "-o", "json"], capture_output=True, text=True, check=True).stdout
+    rows = {}
+    for r in json.loads(out):
+        key = "prefill 512" if r.get("n_prompt") else "decode 128 @ batch 1"
+        rows[key] = float(r["avg_ts"])
+    return rows
+
+
+def llama_server_rows(args: argparse.Namespace, ids_for: Callable[[int], list[int]]) -> tuple[dict, float]:
+    port = 18000 + os.getpid() % 1000
+    proc = subprocess.Popen([args.llama_server, "-m", args.gguf, "-t", str(args.threads), "-np", "16",
+                             "-c", str(16 * 1024), "--port", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=1).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+
+        def post(tokens: list[int], n: int) -> None:
+            body = json.dumps({"prompt": tokens, "n_predict": n, "temperature": 0, "cache_prompt": True,
+                               "ignore_eos": True}).encode()
+            urllib.request.urlopen(urllib.request.Request(f"{url}/completion", body,
+                                                          {"Content-Type": "application/json"}), timeout=600).read()
+
+        def together(jobs: list[tuple[list[int], int]]) -> float:
+            threads = [threading.Thread(target=post, args=j) for j in jobs]
+            t = time.perf_counter()
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            return time.perf_counter() - t
+
+        post(ids_for(8), 4)
+        prompts = [ids_for(64)[:60] + [100 + i] * 4 for i in range(16)]
+        rows = {"16 concurrent": 16 * 128 / together([(p, 128) for p in prompts])}
+        prefix = ids_for(600)
+        rows["fan-out 16 x 32"] = 16 * 32 / together([(prefix + [200 + i], 32) for i in range(16)])
+        return rows, rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gguf", default=None, help="GGUF file (default: the default model's)")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--quantization", default="auto")
+    p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument("--llama-bench", default=None, help="path of llama.cpp's llama-bench binary")
+    p.add_argument("--llama-server", default=None, help="path of llama.cpp's llama-server binary")
+    p.add_argument("--skip-8k", action="store_true", help="leave out the 8,000-token prefill")
+    args = p.parse_args()
+    import torch
+
+    from radixflow.kernels import cpu_quant
+    from radixflow.runtime.loading.default_model import default_gguf_path, resolve_model_path
+    from radixflow.runtime.text.tokenizer import Tokenizer
+
+    args.gguf = args.gguf or default_gguf_path()
+    torch.set_num_threads(args.threads)
+    tok = Tokenizer.from_pretrained(resolve_model_path(args.gguf))
+    base = tok.encode(words(6000))
+
+    def ids_for(n: int) -> list[int]:
+        return (base * (n // len(base) + 1))[:n]
+
+    print(cpu_line())
+    print(f"torch {torch.__version__}, {args.threads} threads; radixflow quantized kernels: "
+          f"{cpu_quant.supported_level() if cpu_quant.available() else 'unavailable'}")
+    ours, info = radixflow_rows(args, ids_for)
+    peers: dict[str, dict[str, float]] = {}
+    server_mem = None
+    lcp = llama_cpp_python_rows(args, ids_for)
+    if lcp is not None:
+        peers["llama-cpp-python"] = lcp
+    if args.llama_bench:
+        peers["llama-bench"] = llama_bench_rows(args)
+    if args.llama_server:
+        peers["llama-server"], server_mem = llama_server_rows(args, ids_for)
+    print(f"\nradixflow: weights {info['quantization']}, KV {info['kv']} ({info['slots']} slots); gguf {args.gguf}")
+    names = list(peers)
+    print(f"{'workload':<24}{'radixflow tok/s':>17}" + "".join(f"{n:>20}{'ratio':>8}" for n in names))
+    for key, val in ours.items():
+        line = f"{key:<24}{val:>17.1f}"
+        for n in names:
+            theirs = peers[n].get(key)
+            line += f"{theirs:>20.1f}{val / theirs:>7.2f}x" if theirs else f"{'-':>20}{'':>8}"
+        print(line)
+    split = info["split"]
+    total = sum(split.values())
+    print(f"\ndecode step at batch 1: {total:.2f} ms = " +
+          ", ".join(f"{k} {v:.2f} ms ({100 * v / total:.0f}%)" for k, v in split.items()))
+    print("memory (MB, this process: scheduler + tokenizer in one): " +
+          ", ".join(f"{k} {v:.0f}" for k, v in info["mem"].items()) +
+          (f"; llama-server resident {server_mem:.0f}" if server_mem else ""))
+    print(cpu_line())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,297 @@
+"""Quantized CPU matmuls and embeddings on weights kept in 4- or 8-bit blocks of 32 (C kernels).
+
+  QuantWeight                     an (N, K) weight as packed quants + per-block fp32 scales d, mins m
+  pack(kind, q, d, m)             build one from per-element quants (GGUF blocks, see loading/gguf_quant.py)
+  quantize(w, "int8" | "int4")    weight-only quantization of an fp32/bf16/fp16 weight, per group of 32
+  dequantize(qw) -> (N, K) fp32   the exact values the kernels multiply by (PyTorch)
+  linear(x, qw, bias) -> x @ W^T  the quantized matmul (cpu_qmm.c): integer block dot products on
+                                  int16-quantized activations for M < INT_MAX_M rows, else an fp32
+                                  tile on panels of W dequantized on the fly (no fp32 copy kept)
+  embedding(qw, ids) -> rows      rows of W dequantized on lookup
+
+Value of element (n, k), block b = k // 32: d[n, b] * q[n, k] + m[n, b]; kind 4 holds q in
+[0, 15] (two blocks share a byte run: low and high nibbles), kind 8 holds int8 q.
+
+The library is built without -march=native: cpu_qmm.c is compiled once per instruction set
+(portable, AVX2 + FMA, AVX-512 + VNNI) and cpu_quant.c picks one at run time from the CPU's
+flags, so a build cached on one x86-64 machine runs on any other sharing the cache folder.
+`set_level` forces a lower level (tests run every level the CPU has). It runs on cpu_ext's
+thread pool. Without a C compiler or with RADIXFLOW_DISABLE_CPU_EXT=1, `available()` is False.
+References: reference.qlinear_ref (exact integer semantics of the small-M path).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from radixflow.kernels import cpu_ext
+from radixflow.paths import cache_dir
+
+logger = logging.getLogger(__name__)
+
+QK = 32  # weights per block
+INT_MAX_M = 8  # rows below this use the integer path; from this many on, the fp32 panel path
+LEVELS = ("portable", "avx2", "avx512")
+_DIR = Path(__file__).parent
+_QMM, _DISPATCH = _DIR / "cpu_qmm.c", _DIR / "cpu_quant.c"
+_BASE = ["-O3", "-fPIC", "-fno-math-errno", "-ffp-contract=fast", "-fopenmp-simd", "-std=gnu11"]
+_ISA_FLAGS = {"avx2": ["-mavx2", "-mfma", "-mf16c"],
+              "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                         "-mavx512vnni"]}
+_VERSION = b"4"  # bump when the flags or the build steps change
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _compile(cc: str, args: list[str], out: Path) -> bool:
+    res = subprocess.run([cc, *args, "-o", str(out)], capture_output=True, text=True, timeout=180)
+    if res.returncode != 0:
+        logger.info("%s %s failed: %s", cc, " ".join(args), res.stderr.strip()[:300])
+    return res.returncode == 0
+
+
+def _build(out: Path) -> None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc/gcc) on PATH")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        objs, defines = [], []
+        for isa in ("portable", *(_ISA_FLAGS if x86 else ())):
+            obj = Path(tmp) / f"qmm_{isa}.o"
+            if _compile(cc, [*_BASE, *_ISA_FLAGS.get(isa, []), f"-DQM_SUFFIX={isa}", "-c", str(_QMM)], obj):
+                objs.append(str(obj))
+                defines.append(f"-DQM_HAVE_{isa.upper()}")
+            elif isa == "portable":
+                raise RuntimeError(f"{cc} could not compile {_QMM.name}")
+        tmp_so = Path(tmp) / out.name
+        if not _compile(cc, [*_BASE, *defines, "-shared", str(_DISPATCH), *objs, "-lm"], tmp_so):
+            raise RuntimeError(f"{cc} could not link the quantized kernels")
+        os.replace(tmp_so, out)  # atomic: concurrent builders never load a half-written file
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _tried
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        if os.environ.get("RADIXFLOW_DISABLE_CPU_EXT") == "1":
+            return None
+        # No CPU flags in the key: the library is the same for every CPU of an architecture.
+        src = _QMM.read_bytes() + _DISPATCH.read_bytes() + platform.machine().encode() + _VERSION
+        path = cache_dir() / "ext" / f"cpu_quant-{hashlib.sha256(src).hexdigest()[:16]}.so"
+        try:
+            if not path.exists():
+                _build(path)
+            lib = ctypes.CDLL(str(path))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            logger.warning("quantized CPU kernels unavailable: %s", e)
+            return None
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.qm_linear.argtypes = [i32, p, i64, i64, p, p, p, p, i64, i64, p, i64, i32, i32]
+        lib.qm_linear.restype = i32
+        lib.qm_dequant_rows.argtypes = [i32, p, p, p, i64, p, i64, p]
+        lib.qm_dequant_rows.restype = None
+        lib.qm_set_level.argtypes = [i32]
+        lib.qm_set_level.restype = i32
+        lib.qm_supported.restype = i32
+        lib.qm_set_pool.argtypes = [p]
+        lib.qm_set_pool.restype = None
+        lib.qm_set_pool(cpu_ext.parallel_fn_address())  # None (one thread) without cpu_ext
+        want = os.environ.get("RADIXFLOW_QUANT_ISA")
+        lib.qm_set_level(LEVELS.index(want) if want in LEVELS else -1)
+        _lib = lib
+        return lib
+
+
+def _need() -> ctypes.CDLL:
+    lib = _load()
+    if lib is None:
+        raise RuntimeError("the quantized CPU kernels are not available")
+    return lib
+
+
+def available() -> bool:
+    """Whether the quantized kernels can be used (builds them on the first call)."""
+    return _load() is not None
+
+
+def supported_level() -> str:
+    """The best instruction-set level of this CPU and build: 'portable', 'avx2' or 'avx512'."""
+    return LEVELS[_need().qm_supported()]
+
+
+def set_level(name: str | None) -> str:
+    """Use level `name` (capped at the supported one; None: the best). Returns the level in use."""
+    return LEVELS[_need().qm_set_level(-1 if name is None else LEVELS.index(name))]
+
+
+@dataclass(frozen=True)
+class QuantWeight:
+    """An (N, K) weight: qs uint8 (N, nbp * 16) for kind 4 or int8 as uint8 (N, K) for kind 8;
+    d and m fp32 (N, nbp) with nbp = ceil(K / 32) rounded up to even, padding blocks zero; m None
+    means zero mins. Everything contiguous on the CPU."""
+
+    kind: int
+    qs: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor | None
+    shape: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m) if t is not None)
+
+
+def _nbp(K: int) -> int:
+    return (K // QK + 1) & ~1
+
+
+def pack(kind: int, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> QuantWeight:
+    """q (N, K) integer quants ([0, 15] for kind 4, [-128, 127] for kind 8), d and m (N, K / 32)
+    scales and mins (m None: zero) -> QuantWeight. Raises ValueError on bad shapes or ranges."""
+    if kind not in (4, 8) or q.dim() != 2 or q.shape[1] % QK:
+        raise ValueError(f"kind must be 4 or 8 and q (N, K) with K % 32 == 0, got {kind}, {tuple(q.shape)}")
+    N, K = q.shape
+    nb, nbp = K // QK, _nbp(K)
+    for name, t in (("d", d), ("m", m)):
+        if t is not None and tuple(t.shape) != (N, nb):
+            raise ValueError(f"{name} must be ({N}, {nb}), got {tuple(t.shape)}")
+    lo, hi = (0, 15) if kind == 4 else (-128, 127)
+    if q.numel() and (int(q.min()) < lo or int(q.max()) > hi):
+        raise ValueError(f"kind {kind} quants must lie in [{lo}, {hi}]")
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(N, nbp, dtype=torch.float32)
+        out[:, :nb] = t
+        return out
+
+    if kind == 4:
+        qb = torch.zeros(N, nbp, QK, dtype=torch.uint8)
+        qb[:, :nb] = q.to(torch.uint8).view(N, nb, QK)
+        qs = (qb[:, 0::2] | (qb[:, 1::2] << 4)).reshape(N, nbp * 16).contiguous()
+    else:
+        qs = q.to(torch.int8).contiguous().view(torch.uint8)
+    return QuantWeight(kind, qs, pad(d.float()), None if m is None else pad(m.float()), (N, K))
+
+
+def quantize(w: torch.Tensor, scheme: str) -> QuantWeight:
+    """Weight-only quantization of w (N, K), K % 32 == 0, per group of 32: 'int8' symmetric
+    (d = amax / 127), 'int4' asymmetric (d = (max - min) / 15, m = min), rounding to nearest."""
+    w = w.detach().float().cpu()
+    N, K = w.shape
+    g = w.view(N, K // QK, QK)
+    if scheme == "int8":
+        d = g.abs().amax(-1) / 127
+        q = torch.round(g / torch.where(d > 0, d, 1)[..., None]).clamp_(-127, 127)
+        return pack(8, q.view(N, K).to(torch.int8), d, None)
+    if scheme == "int4":
+        lo, hi = g.amin(-1), g.amax(-1)
+        d = (hi - lo) / 15
+        q = torch.round((g - lo[..., None]) / torch.where(d > 0, d, 1)[..., None]).clamp_(0, 15)
+        return pack(4, q.view(N, K).to(torch.uint8), d, lo)
+    raise ValueError(f"quantization scheme must be 'int8' or 'int4', got {scheme!r}")
+
+
+def unpack(qw: QuantWeight) -> torch.Tensor:
+    """The integer quants (N, K) (int8) of a QuantWeight."""
+    N, K = qw.shape
+    nb = K // QK
+    if qw.kind == 8:
+        return qw.qs.view(torch.int8).clone()
+    pairs = qw.qs.view(N, -1, QK)
+    both = torch.stack([pairs & 0x0F, pairs >> 4], dim=2).view(N, -1, QK)  # blocks in order
+    return both[:, :nb].reshape(N, K).to(torch.int8)
+
+
+def dequantize(qw: QuantWeight) -> torch.Tensor:
+    """The fp32 (N, K) values of a QuantWeight (PyTorch; for references and the none path)."""
+    N, K = qw.shape
+    nb = K // QK
+    out = unpack(qw).view(N, nb, QK).float() * qw.d[:, :nb, None]
+    if qw.m is not None:
+        out += qw.m[:, :nb, None]
+    return out.view(N, K)
+
+
+def linear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None,
+           int_max_m: int | None = None) -> torch.Tensor:
+    """x (..., K) fp32 CPU @ W^T (+ bias (N,)) -> a new (..., N) fp32 tensor: with int16-quantized
+    activations (the integer path) when x has fewer than `int_max_m` rows (default INT_MAX_M, read
+    at each call), else exact fp32 on W's values. Rows of x may be strided if each is contiguous.
+    Raises ValueError on mismatched shapes or dtypes."""
+    lib = _need()
+    int_max_m = INT_MAX_M if int_max_m is None else int_max_m
+    N, K = qw.shape
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != K:
+        raise ValueError(f"x must be an fp32 CPU tensor (..., {K}), got {x.dtype} {tuple(x.shape)} on {x.device}")
+    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (N,) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be a contiguous fp32 ({N},) tensor")
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < K):
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    out = torch.empty(M, N)
+    if M and lib.qm_linear(qw.kind, x2.data_ptr(), x2.stride(0) if M > 1 else K, M, qw.qs.data_ptr(),
+                           qw.d.data_ptr(), None if qw.m is None else qw.m.data_ptr(),
+                           None if bias is None else bias.data_ptr(), N, K, out.data_ptr(), N, int_max_m,
+                           torch.get_num_threads()):
+        raise MemoryError("quantized matmul: scratch allocation failed")
+    return out.view(*x.shape[:-1], N)
+
+
+def embedding(qw: QuantWeight, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` (any shape, int) of W dequantized: (*ids.shape, K) fp32. IndexError if out of range."""
+    lib = _need()
+    N, K = qw.shape
+    flat = ids.reshape(-1).to(torch.int64).contiguous()
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= N):
+        raise IndexError(f"embedding ids must lie in [0, {N})")
+    out = torch.empty(flat.numel(), K)
+    lib.qm_dequant_rows(qw.kind, qw.qs.data_ptr(), qw.d.data_ptr(), None if qw.m is None else qw.m.data_ptr(),
+                        K, flat.data_ptr(), flat.numel(), out.data_ptr())
+    return out.view(*ids.shape, K)
+
+
+@dataclass(frozen=True)
+class QuantBlocks:
+    """A weight before packing: q (N, K) int8 quants, d and m (N, K / 32) fp32 (m None: zero),
+    kind 4 (q in [0, 15]) or 8 (q in [-128, 127]). Loaders produce it; `concat` fuses shards."""
+
+    kind: int
+    q: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor | None
+
+    def pack(self) -> QuantWeight:
+        return pack(self.kind, self.q, self.d, self.m)
+
+
+def concat(parts: list[QuantBlocks]) -> QuantBlocks:
+    """Stack weights along N (fused q/k/v, gate/up); a kind-4 part joins kind-8 ones unchanged in
+    value (its quants fit in int8)."""
+    kind = max(p.kind for p in parts)
+    ms = [p.m if p.m is not None else torch.zeros_like(p.d) for p in parts]
+    m = None if all(p.m is None for p in parts) else torch.cat(ms)
+    return QuantBlocks(kind, torch.cat([p.q for p in parts]), torch.cat([p.d for p in parts]), m)
+
+
+def blocks_of(qw: QuantWeight) -> QuantBlocks:
+    """The QuantBlocks a QuantWeight was packed from."""
+    nb = qw.shape[1] // QK
+    return QuantBlocks(qw.kind, unpack(qw), qw.d[:, :nb].clone(), None if qw.m is None else qw.m[:, :nb].clone())
