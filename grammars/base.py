@@ -132,6 +132,24 @@ class GrammarBackend(abc.ABC):
 
     # ---- shared machinery ---------------------------------------------------------------------
 
+    name = "base"  # the backend's name in reports ("xgrammar", "llguidance")
+
+    def fill_bitmasks(self, items: list[tuple[GrammarMatcher, int]], bitmask: torch.Tensor
+                      ) -> tuple[list[int], dict[int, Exception]]:
+        """Fill ``bitmask[row]`` for each ``(matcher, row)`` of this backend's matchers.
+
+        Returns the rows that need masking and ``{row: exception}`` for the matchers that raised
+        (their rows are left as they were). Backends may fill the rows in parallel.
+        """
+        used, failed = [], {}
+        for matcher, row in items:
+            try:
+                if matcher.fill_bitmask(bitmask, row):
+                    used.append(row)
+            except Exception as e:
+                failed[row] = e
+        return used, failed
+
     def compile_async(self, kind: str, spec: str) -> concurrent.futures.Future:
         """The future of the compiled grammar for ``(kind, spec)``.
 

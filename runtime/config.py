@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from radixflow.grammars.selection import GRAMMAR_BACKENDS
+
 GEMM_BACKENDS = ("auto", "torch", "openblas", "packed")
 QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4")
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -40,6 +42,8 @@ class EngineConfig:
     attention_backend: str = "auto"
     disable_cuda_graph: bool = False
     grammar_compile_timeout: float = 30.0
+    # xgrammar | llguidance | auto (per request: the backend that enforces the spec exactly, xgrammar first)
+    grammar_backend: str = "auto"
     disable_jump_forward: bool = False
     disable_mixed_batch: bool = False  # True: prefill steps and decode steps alternate, never share a forward
     num_threads: int | None = None  # torch CPU threads; None = leave as is
@@ -61,6 +65,8 @@ class EngineConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.grammar_backend not in GRAMMAR_BACKENDS:
+            raise ValueError(f"grammar_backend must be one of {GRAMMAR_BACKENDS}, got {self.grammar_backend!r}")
         if self.cpu_gemm not in GEMM_BACKENDS:
             raise ValueError(f"cpu_gemm must be one of {GEMM_BACKENDS}, got {self.cpu_gemm!r}")
         if self.quantization not in QUANTIZATIONS:

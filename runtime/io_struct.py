@@ -96,6 +96,10 @@ class ReqOutput:
     output_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
     # Stop-string bookkeeping for the detokenizer: the matched stop string, to trim.
     matched_stop_str: str | None = None
+    # On the final output of a constrained request only: the grammar backend's report with the
+    # spec ({"backend", "exact", "not_enforced", "approximated", "kind", "spec"}); the
+    # detokenizer checks the text against the spec and reports meta_info["grammar"].
+    grammar: dict[str, Any] | None = None
 
     @property
     def finished(self) -> bool:

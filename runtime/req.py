@@ -68,6 +68,8 @@ class Req:
 
         self.grammar: Any = None  # GrammarMatcher when constrained
         self.grammar_future: Any = None
+        # the grammar backend's report (grammars/selection.BackendChoice.info), sent with the final output
+        self.grammar_info: dict[str, Any] | None = None
         self.stop_checker: Any = None  # StopChecker when stop strings are set
 
     @property

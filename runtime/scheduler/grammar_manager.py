@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import time
@@ -9,9 +10,11 @@ from collections.abc import Callable
 
 import torch
 
-from radixflow.grammars import GrammarError
+from radixflow.grammars import GrammarCompileTimeout, GrammarError
+from radixflow.grammars.base import GrammarBackend, GrammarMatcher
 from radixflow.grammars.jump_forward import jump_forward_tokens
-from radixflow.grammars.xgrammar_backend import XGrammarBackend, validate_grammar
+from radixflow.grammars.selection import choose_backend
+from radixflow.grammars.xgrammar_backend import XGrammarBackend
 from radixflow.runtime.config import EngineConfig
 from radixflow.runtime.req import Req, ReqStatus
 from radixflow.runtime.request_faults import internal_abort
@@ -21,31 +24,46 @@ logger = logging.getLogger(__name__)
 
 
 class GrammarManager:
-    """Owns the grammar backend and the requests waiting for their grammar to compile.
+    """Owns the grammar backends and the requests waiting for their grammar to compile.
 
-    A constrained request enters via `submit` (fast validation; compile starts in the
-    backend's thread pool), leaves via `poll` once its matcher exists (or with an abort
-    finish_reason when compilation failed or timed out)."""
+    A constrained request enters via `submit` (backend choice and fast validation; compile
+    starts in that backend's thread pool), leaves via `poll` once its matcher exists (or with an
+    abort finish_reason when compilation failed or timed out). Backends are created on first use;
+    `config.grammar_backend` picks one, or `auto` chooses per request (grammars/selection.py)."""
 
     def __init__(self, config: EngineConfig, model_path: str, vocab_size: int, stop_ids: list[int],
                  tokenizer: Tokenizer) -> None:
-        tok_dir = config.tokenizer or model_path
-        self.backend = XGrammarBackend(os.path.join(tok_dir, "tokenizer.json"), vocab_size, stop_ids,
-                                       compile_timeout=config.grammar_compile_timeout)
+        self._tokenizer_json = os.path.join(config.tokenizer or model_path, "tokenizer.json")
+        self.mode = config.grammar_backend
+        self.compile_timeout = config.grammar_compile_timeout
+        self.stop_ids = stop_ids
+        self.backends: dict[str, GrammarBackend] = {}
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
-        self.waiting: list[tuple[Req, float]] = []
+        self.waiting: list[tuple[Req, GrammarBackend | None, float]] = []
+        # choosing a backend analyses the schema (seconds for a 2 MB one): not on the scheduler's loop
+        self._choices = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar-choice")
         self.jump_forward_tokens = 0  # tokens appended without a decode step
 
+    def backend(self, name: str) -> GrammarBackend:
+        """The backend called `name` ("xgrammar" or "llguidance"), created on first use."""
+        if name not in self.backends:
+            if name == "xgrammar":
+                from radixflow.grammars.xgrammar_backend import XGrammarBackend as cls
+            else:
+                from radixflow.grammars.llguidance_backend import LLGuidanceBackend as cls
+            self.backends[name] = cls(self._tokenizer_json, self.vocab_size, self.stop_ids,
+                                      compile_timeout=self.compile_timeout)
+        return self.backends[name]
+
     def submit(self, req: Req) -> str | None:
-        """Start compiling req's grammar; returns an error message for an invalid spec."""
+        """Start choosing req's backend (then compiling) off the scheduler's loop: analysing a
+        large schema takes seconds. Never refuses here (returns None): an invalid spec, or a
+        strict json_schema that no allowed backend enforces exactly, comes out of `poll` aborted."""
         kind, spec = req.params.grammar_spec
-        try:
-            validate_grammar(kind, spec)
-        except GrammarError as e:
-            return str(e)
-        req.grammar_future = self.backend.compile_async(kind, spec)
-        self.waiting.append((req, time.monotonic() + self.backend.compile_timeout))
+        req.grammar_future = self._choices.submit(choose_backend, kind, spec, self.mode,
+                                                  req.params.json_schema_strict)
+        self.waiting.append((req, None, time.monotonic() + self.compile_timeout))
         return None
 
     def pending(self) -> int:
@@ -53,15 +71,15 @@ class GrammarManager:
 
     def poll(self) -> list[Req]:
         """Requests whose grammar is ready (matcher attached) or failed (finish_reason set: the
-        spec's error, or an internal error when compiling or creating the matcher raised)."""
+        spec's error or refusal, or an internal error when choosing, compiling or creating the
+        matcher raised)."""
         ready, still = [], []
-        for req, deadline in self.waiting:
+        for req, backend, deadline in self.waiting:
             try:
-                compiled = self.backend.poll(req.grammar_future, deadline)
-                if compiled is None:
-                    still.append((req, deadline))
+                done, backend = self._advance(req, backend, deadline)
+                if not done:
+                    still.append((req, backend, deadline))
                     continue
-                req.grammar = self.backend.create_matcher(compiled)
             except GrammarError as e:
                 req.finish_reason = {"type": "abort", "message": str(e)}
             except Exception as e:
@@ -71,30 +89,51 @@ class GrammarManager:
         self.waiting = still
         return ready
 
+    def _advance(self, req: Req, backend: GrammarBackend | None,
+                 deadline: float) -> tuple[bool, GrammarBackend | None]:
+        """One non-blocking step for a waiting request: (matcher attached, the backend it is on).
+        `backend` None: the backend is still being chosen (req.grammar_future is the choice)."""
+        if backend is None:
+            if not req.grammar_future.done():
+                if time.monotonic() > deadline:
+                    raise GrammarCompileTimeout(f"grammar compilation took longer than {self.compile_timeout:g}s")
+                return False, None
+            choice = req.grammar_future.result()
+            backend = self.backend(choice.backend)
+            kind, spec = req.params.grammar_spec
+            req.grammar_info = choice.info(kind, spec)
+            req.grammar_future = backend.compile_async(kind, spec)
+        compiled = backend.poll(req.grammar_future, deadline)
+        if compiled is None:
+            return False, backend
+        req.grammar = backend.create_matcher(compiled)
+        return True, backend
+
     def discard(self, req: Req) -> None:
-        self.waiting = [(r, d) for r, d in self.waiting if r is not req]
+        self.waiting = [w for w in self.waiting if w[0] is not req]
 
     def mask_fn(self, reqs: list[Req]) -> Callable[[torch.Tensor], dict[int, Exception]] | None:
         """A hook masking the constrained rows of a (B, V) logits tensor, or None if none are.
-        The hook returns {row: exception} for the rows whose matcher raised (left unmasked)."""
+        Every backend fills its rows of one shared bitmask; one kernel applies it. The hook
+        returns {row: exception} for the rows whose matcher raised (left unmasked)."""
         rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
         if not rows:
             return None
 
         def apply(logits: torch.Tensor) -> dict[int, Exception]:
-            mask = self.backend.allocate_bitmask(len(rows))
-            used, failed = [], {}
+            mask = torch.full((len(rows), (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+            by_backend: dict[str, list[tuple[GrammarMatcher, int]]] = {}
             for j, i in enumerate(rows):
-                try:
-                    if reqs[i].grammar.fill_bitmask(mask, j):
-                        used.append(j)
-                except Exception as e:
-                    failed[i] = e
+                by_backend.setdefault(reqs[i].grammar_info["backend"], []).append((reqs[i].grammar, j))
+            used, failed = [], {}
+            for name, items in by_backend.items():
+                u, f = self.backends[name].fill_bitmasks(items, mask)
+                used += u
+                failed.update({rows[j]: e for j, e in f.items()})
             if not used:
                 return failed
             sub = logits[rows]
-            mask = mask.to(logits.device)
-            self.backend.apply_bitmask(sub, mask, torch.tensor(used, device=logits.device))
+            XGrammarBackend.apply_bitmask(sub, mask.to(logits.device), torch.tensor(sorted(used), device=logits.device))
             logits[rows] = sub
             return failed
         return apply

@@ -21,7 +21,8 @@ class OutputCollector:
         out = ReqOutput(
             rid=req.rid, new_token_ids=new, finish_reason=req.finish_reason,
             prompt_tokens=req.prompt_len, completion_tokens=len(req.output_ids),
-            cached_tokens=req.cached_tokens, matched_stop_str=req.matched_stop_str)
+            cached_tokens=req.cached_tokens, matched_stop_str=req.matched_stop_str,
+            grammar=req.grammar_info if req.finish_reason is not None else None)
         if req.return_logprob:
             if req.pending_input_logprobs or req.pending_input_top:
                 out.input_token_logprobs = req.pending_input_logprobs

@@ -27,6 +27,7 @@ from radixflow.runtime.server.openai_protocol import (
     int_field,
     parse_object,
     sampling_fields,
+    with_grammar,
 )
 from radixflow.runtime.server.openai_tools import ToolSession
 from radixflow.runtime.server.sse import SSE_DONE, abort_on_disconnect, finite, read_json, sse, stream_preflight
@@ -118,7 +119,7 @@ class _Call:
         err = sub.error()
         if err is not None:
             raise err
-        choices = [self.choice(i, r) for i, r in enumerate(results)]
+        choices = [with_grammar(self.choice(i, r), r) for i, r in enumerate(results)]
         return JSONResponse(finite({"id": self.id, "object": self.kind, "created": self.created,
                                     "model": self.model_name, "choices": choices, "usage": self.usage(results)}))
 
@@ -169,7 +170,9 @@ class _Call:
                         yield sse(finite(self.chunk(i, piece, lp if k == 0 else None, None)))
                     if fr is not None:
                         finals[i] = res
-                        yield sse(self.chunk(i, self.final_delta(), None, self.finish_reason(i, fr)))
+                        final = self.chunk(i, self.final_delta(), None, self.finish_reason(i, fr))
+                        final["choices"][0] = with_grammar(final["choices"][0], res)
+                        yield sse(final)
                 if self.include_usage:
                     usage = self.usage([r for r in finals if r is not None]) if all(finals) else None
                     yield sse({"id": self.id, "object": self.chunk_kind, "created": self.created,

@@ -88,7 +88,19 @@ def sampling_fields(body: dict[str, Any], max_tokens: int | None) -> dict[str, A
             if "json_schema" in sp:
                 raise bad_request("give json_schema or response_format, not both", param="response_format")
             sp["json_schema"] = json.dumps(schema)
+            strict = spec.get("strict")
+            if strict is not None and not isinstance(strict, bool):
+                raise bad_request("response_format.json_schema.strict must be true or false", param="response_format")
+            if strict is False:  # absent or true: refuse a schema the backends cannot enforce exactly
+                sp["json_schema_strict"] = False
     return sp
+
+
+def with_grammar(choice: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
+    """The choice with a `grammar` field (meta_info["grammar"]: the backend, what it did not
+    enforce, whether the output validates against the schema) when the request was constrained."""
+    report = res.get("meta_info", {}).get("grammar")
+    return choice if report is None else {**choice, "grammar": report}
 
 
 def completion_prompts(prompt: Any) -> list[str | list[int]]:

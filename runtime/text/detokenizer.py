@@ -8,6 +8,7 @@ import logging
 import time
 from typing import Any
 
+from radixflow.grammars.output_check import grammar_report
 from radixflow.runtime.intake import abort_result
 from radixflow.runtime.io_struct import ReqOutput
 from radixflow.runtime.request_faults import internal_error
@@ -84,6 +85,8 @@ class Detokenizer:
                         output_top_logprobs=st.output_top_logprobs)
         if out.finished:
             self.states.pop(out.rid, None)
+            if out.grammar is not None:  # the finished text against the spec the client sent
+                meta["grammar"] = grammar_report(out.grammar, text, out.finish_reason)
         return {"text": text, "output_ids": list(st.output_ids), "meta_info": meta}
 
     def process_or_abort(self, out: ReqOutput) -> dict[str, Any] | None:
