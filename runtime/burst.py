@@ -100,12 +100,16 @@ class BurstCollector:
             self._expected, self._deadline = msg.n, msg.deadline  # the burst is still to come
         return None
 
-    def run_step(self, step: Callable[[], T]) -> T:
-        """Run one scheduler step, ending any Expect hint and timing the step."""
+    def run_step(self, step: Callable[[], T], forwards: Callable[[], int] | None = None) -> T:
+        """Run one scheduler step, ending any Expect hint and timing the step. With `forwards`
+        (the scheduler's count of forward passes), only a step that ran one is timed: steps that
+        only poll (requests waiting on their grammar) take microseconds and would shrink the mean."""
         self._expected = 0  # a hint only holds the first step of a burst
+        before = forwards() if forwards is not None else None
         t = time.perf_counter()
         out = step()
-        self.step_s = 0.8 * self.step_s + 0.2 * (time.perf_counter() - t)
+        if forwards is None or forwards() != before:
+            self.step_s = 0.8 * self.step_s + 0.2 * (time.perf_counter() - t)
         return out
 
     def _get(self) -> Message | None:

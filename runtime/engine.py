@@ -295,7 +295,10 @@ class Engine:
                         self._route(sched.drain_outputs())
                         return
                     self._handle(msg)
-                self._route(burst.run_step(sched.step) if sched.has_work() else sched.drain_outputs())
+                if sched.has_work():
+                    self._route(burst.run_step(sched.step, lambda: sched.stats["steps"]))
+                else:
+                    self._route(sched.drain_outputs())
             except Exception as e:  # a bug must not hang every caller: fail them all loudly
                 logger.exception("scheduler step failed")
                 self._closed = True
