@@ -4,17 +4,26 @@
  * -mavx512vnni); cpu_quant.c picks one at run time from the CPU's flags. Reference:
  * kernels/reference.py qlinear_ref (exact integer semantics) and F.linear on dequantize(W).
  *
- * Weight layout (one row of W per output column n, nb = K / 32 blocks, nbp = nb rounded up to even):
- *   kind 4: qs (N, nbp * 16) bytes, pairs of blocks: byte j of pair p = q[2p][j] | q[2p+1][j] << 4,
- *           q unsigned in [0, 15];       value = d[n][b] * q + m[n][b]
- *   kind 8: qs (N, K) int8, block-major;  value = d[n][b] * q + m[n][b]
- *   d, m: (N, nbp) fp32 (padding blocks 0). m may be NULL (all zero).
- * Two paths. Few rows (M < 8, decoding): x is quantized per block to int16 (scale dx = amax / 32767,
- * q = rint(x / dx); int8 activations as llama.cpp's cost 4% top-1 agreement on a 135M model) and
- * the block dot products are integer (AVX-512: the block's 32 weights widened to int16 in one
- * register, VNNI vpdpwssd; AVX2: pmaddwd): y = sum_b d_w dx (qw . qx) + sum_b m_w dx sum(qx). More rows
- * (prefill): every thread dequantizes a panel of 16 columns of W into fp32 (K-major, in cache) and
- * runs an fp32 FMA tile over all rows: no fp32 copy of W is ever kept.
+ * Weight layout: rows in groups of 16 (G = ceil(N / 16) groups, padding rows zero), nb = K / 32
+ * blocks. One tile per (group g, block b), tiles in (g, b) order, so a group's weights are one
+ * contiguous run:
+ *   kind 4: 256 bytes = 4 vectors of 64; byte 4n + e of vector v holds, for row n of the group,
+ *           q[32b + 4v + e] in its low nibble and q[32b + 4(v + 4) + e] in its high nibble,
+ *           q unsigned in [0, 15];        value = d * q + m
+ *   kind 8: 512 bytes = 8 vectors of 64; byte 4n + e of vector j = q[32b + 4j + e] as int8.
+ *   d, m: fp16, 16 per tile (one per row of the group), at (g * nb + b) * 16 + n. m may be NULL.
+ * Four consecutive weights of one row share an int32 lane, and a vector holds 16 rows: one VNNI
+ * vpdpbusd multiplies 4 weights of each of 16 rows by 4 activations broadcast to every lane, and
+ * the per-block scales of the 16 rows are one vector load. No horizontal sums, no shuffles.
+ *
+ * Two paths. Few rows (M < int_max_m, decoding): x is quantized per block to 16 bits (scale
+ * dx = amax / QMAX, q = rint(x / dx); 8-bit activations as llama.cpp's cost 4% top-1 agreement on
+ * a 135M model), split as q = 256 h + l with h, l signed bytes, and the block dot products are
+ * integer: qw . q = 256 (qw . h) + (qw . l). The unsigned operand of vpdpbusd is the weight: kind 4
+ * quants are unsigned already, kind 8 ones are flipped to q + 128 and corrected by -128 sum(q)).
+ * y = sum_b d_w dx (qw . qx) + sum_b m_w dx sum(qx). More rows (prefill): every thread dequantizes
+ * one group's 16 rows into an fp32 panel (K-major, in cache) and runs an fp32 FMA tile over all
+ * rows of x: no fp32 copy of W is ever kept.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -24,8 +33,8 @@
 #endif
 
 #define QK 32
-#define QMAX 32767.f  /* activations: int16 per block of 32 */
-#define NR 16
+#define QMAX 32639.f /* activations: 16 bits per block of 32, as 256 h + l with h, l in [-128, 127] */
+#define NR 16        /* rows per group */
 #define QM_CAT2(a, b) a##_##b
 #define QM_CAT(a, b) QM_CAT2(a, b)
 #define QM_FN(name) QM_CAT(name, QM_SUFFIX)
@@ -36,28 +45,50 @@ typedef void (*rf_par)(rf_task fn, void *arg, int n);
 typedef struct {
     int kind;
     const float *x;
-    int64_t ldx, M, N, K, nbp, ldy;
+    int64_t ldx, M, N, K, nb, ldy;
     const uint8_t *qs;
-    const float *d, *m, *bias;
+    const uint16_t *d, *m;
+    const float *bias;
     float *y;
-    const int16_t *xq; /* int path: (M, nbp * 32) */
-    const float *xd;    /* (M, nbp) */
-    const float *xs;    /* (M, nbp): dx * sum(qx) */
-    float *panels;      /* fp32 path: one (K, NR) panel per thread */
+    const int8_t *xh, *xl; /* int path: (M, K) high and low bytes of the quantized activations */
+    const float *xd;       /* (M, nb) dx */
+    const float *xs;       /* (M, nb) dx * sum(qx) */
+    float *panels;         /* fp32 path: one (K, NR) panel per thread */
 } qm_args;
 
+static inline int64_t tile_bytes(int kind) { return kind == 4 ? 256 : 512; }
+
+static inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0x1F) {
+        bits = sign | 0x7F800000u | (man << 13);
+    } else if (exp) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man) { /* subnormal: normalize */
+        int e = -1;
+        do {
+            man <<= 1;
+            e++;
+        } while (!(man & 0x400));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3FF) << 13);
+    } else {
+        bits = sign;
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
 /* ---- activation quantization ------------------------------------------------------------- */
-static void quantize_rows(const float *x, int64_t ldx, int64_t M, int64_t K, int64_t nbp, int16_t *xq,
-                          float *xd, float *xs) {
+static void quantize_rows(const float *x, int64_t ldx, int64_t M, int64_t K, int8_t *xh, int8_t *xl, float *xd,
+                          float *xs) {
     int64_t nb = K / QK;
     for (int64_t i = 0; i < M; i++) {
-        for (int64_t b = 0; b < nbp; b++) {
-            int16_t *q = xq + (i * nbp + b) * QK;
-            if (b >= nb) {
-                memset(q, 0, QK * sizeof(int16_t));
-                xd[i * nbp + b] = xs[i * nbp + b] = 0.f;
-                continue;
-            }
+        for (int64_t b = 0; b < nb; b++) {
             const float *v = x + i * ldx + b * QK;
             float amax = 0.f;
             for (int j = 0; j < QK; j++) {
@@ -67,202 +98,225 @@ static void quantize_rows(const float *x, int64_t ldx, int64_t M, int64_t K, int
             float dx = amax / QMAX, id = amax > 0 ? 1.f / dx : 0.f;
             int sum = 0;
             for (int j = 0; j < QK; j++) {
-                int qi = (int)__builtin_rintf(v[j] * id);
-                q[j] = (int16_t)qi;
-                sum += qi;
+                int q = (int)__builtin_rintf(v[j] * id);
+                q = q > 32639 ? 32639 : q < -32639 ? -32639 : q; /* rounding of amax * (1 / dx) */
+                int8_t lo = (int8_t)(uint8_t)(q & 0xFF);
+                xl[i * K + b * QK + j] = lo;
+                xh[i * K + b * QK + j] = (int8_t)((q - lo) >> 8);
+                sum += q;
             }
-            xd[i * nbp + b] = dx;
-            xs[i * nbp + b] = dx * (float)sum;
+            xd[i * nb + b] = dx;
+            xs[i * nb + b] = dx * (float)sum;
         }
     }
 }
 
-/* ---- integer block dot products: int16 activations, 4- or 8-bit weights widened to int16 --- */
-#if defined(__AVX512BW__)
-typedef __m512 facc;
-#define FACC_ZERO() _mm512_setzero_ps()
-#define FACC_SUM(v) _mm512_reduce_add_ps(v)
-/* 16 int32 sums over pairs of w (32 int16) * x (32 int16) */
-static inline __m512i dot16(__m512i w, __m512i x) {
-#if defined(__AVX512VNNI__)
-    return _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, x);
-#else
-    return _mm512_madd_epi16(w, x);
-#endif
-}
-static inline facc block_fma(__m256i w8, int is_signed, const int16_t *xq, float scale, facc acc) {
-    __m512i w = is_signed ? _mm512_cvtepi8_epi16(w8) : _mm512_cvtepu8_epi16(w8);
-    __m512i s = dot16(w, _mm512_loadu_si512((const void *)xq));
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(scale), acc);
+/* ---- the integer path: one group of 16 weight rows against R rows of x -------------------- */
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define IR 4 /* rows of x per pass */
+static inline __attribute__((always_inline)) void int_group(const qm_args *a, int64_t g, int64_t r, const int R,
+                                                            float *out) {
+    __m512 acc[IR];
+    for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_ps();
+    const int64_t nb = a->nb, tb = tile_bytes(a->kind);
+    const uint8_t *tile = a->qs + g * nb * tb;
+    const uint16_t *dg = a->d + g * nb * NR, *mg = a->m ? a->m + g * nb * NR : NULL;
+    const __m512i lo4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x80);
+    for (int64_t b = 0; b < nb; b++, tile += tb) {
+        __m512i w[8];
+        if (a->kind == 4) {
+            for (int v = 0; v < 4; v++) {
+                __m512i raw = _mm512_loadu_si512((const void *)(tile + 64 * v));
+                w[v] = _mm512_and_si512(raw, lo4);
+                w[v + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), lo4);
+            }
+        } else {
+            for (int j = 0; j < 8; j++) w[j] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(tile + 64 * j)), flip);
+        }
+        _mm_prefetch((const char *)(tile + 4 * tb), _MM_HINT_T0);
+        __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dg + b * NR)));
+        __m512 mv = mg ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mg + b * NR))) : _mm512_setzero_ps();
+        for (int i = 0; i < R; i++) {
+            const int8_t *h = a->xh + (r + i) * a->K + b * QK, *l = a->xl + (r + i) * a->K + b * QK;
+            __m512i sh = _mm512_setzero_si512(), sl = _mm512_setzero_si512();
+            for (int j = 0; j < 8; j++) {
+                int32_t hj, lj;
+                memcpy(&hj, h + 4 * j, 4);
+                memcpy(&lj, l + 4 * j, 4);
+                sh = _mm512_dpbusd_epi32(sh, w[j], _mm512_set1_epi32(hj));
+                sl = _mm512_dpbusd_epi32(sl, w[j], _mm512_set1_epi32(lj));
+            }
+            __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(sh, 8), sl));
+            float dx = a->xd[(r + i) * nb + b], xs = a->xs[(r + i) * nb + b];
+            /* kind 8: the weights were flipped to q + 128: take 128 sum(qx) back out */
+            __m512 t = a->kind == 4 ? _mm512_mul_ps(dot, _mm512_set1_ps(dx))
+                                    : _mm512_fmadd_ps(dot, _mm512_set1_ps(dx), _mm512_set1_ps(-128.f * xs));
+            acc[i] = _mm512_fmadd_ps(dv, t, acc[i]);
+            if (mg) acc[i] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xs), acc[i]);
+        }
+    }
+    for (int i = 0; i < R; i++) _mm512_storeu_ps(out + i * NR, acc[i]);
 }
 #elif defined(__AVX2__)
-typedef __m256 facc;
-#define FACC_ZERO() _mm256_setzero_ps()
-static inline float FACC_SUM(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+#define IR 2
+/* 8 int32 sums of 4 u8 * s8 products each (pmaddubsw pairs, then pmaddwd with ones). Kind 4
+ * weights are at most 15, so the 16-bit pair sums cannot saturate; kind 8 ones come signed and
+ * go through the sign trick (|x| * sign(w, x); |x| <= 128 read unsigned), which cannot either
+ * for |w| <= 127 (pack's range). */
+static inline __m256i dot4(__m256i w, __m256i x, int is_signed) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (is_signed) return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x)), ones);
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
 }
-static inline facc block_fma(__m256i w8, int is_signed, const int16_t *xq, float scale, facc acc) {
-    __m128i l = _mm256_castsi256_si128(w8), h = _mm256_extracti128_si256(w8, 1);
-    __m256i wl = is_signed ? _mm256_cvtepi8_epi16(l) : _mm256_cvtepu8_epi16(l);
-    __m256i wh = is_signed ? _mm256_cvtepi8_epi16(h) : _mm256_cvtepu8_epi16(h);
-    __m256i s = _mm256_add_epi32(_mm256_madd_epi16(wl, _mm256_loadu_si256((const __m256i *)xq)),
-                                 _mm256_madd_epi16(wh, _mm256_loadu_si256((const __m256i *)(xq + 16))));
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(scale), acc);
-}
-#endif
-
-#if defined(__AVX2__)
-/* rows r .. r+R-1 of x (R <= 4) against weight rows n .. n+NW-1 (NW <= 4):
- * out[w * 4 + i] = sum_b d_w dx (qw . qx). NW x R independent accumulators hide the FMA latency. */
-static inline __attribute__((always_inline)) void int_tile(const qm_args *a, const int R, int64_t r, int64_t n,
-                                                           const int NW, float *out) {
-    facc acc[4][4];
-    for (int w = 0; w < NW; w++)
-        for (int i = 0; i < R; i++) acc[w][i] = FACC_ZERO();
-    const int64_t ldq = a->nbp * QK;
-    if (a->kind == 4) {
-        const __m256i lo4 = _mm256_set1_epi8(0x0F);
-        for (int64_t p = 0; p < a->nbp / 2; p++) {
-            const int16_t *xq0 = a->xq + r * ldq + p * 64;
-            const float *xd0 = a->xd + r * a->nbp + 2 * p;
-            for (int w = 0; w < NW; w++) {
-                const float *dw = a->d + (n + w) * a->nbp + 2 * p;
-                __m256i v = _mm256_loadu_si256((const __m256i *)(a->qs + (n + w) * a->nbp * 16 + p * 32));
-                __m256i wl = _mm256_and_si256(v, lo4), wh = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4);
-                for (int i = 0; i < R; i++) {
-                    const int16_t *xq = xq0 + i * ldq;
-                    const float *xd = xd0 + i * a->nbp;
-                    acc[w][i] = block_fma(wl, 0, xq, dw[0] * xd[0], acc[w][i]);
-                    acc[w][i] = block_fma(wh, 0, xq + 32, dw[1] * xd[1], acc[w][i]);
-                }
-            }
-        }
-    } else {
-        for (int64_t b = 0; b < a->K / QK; b++) {
-            for (int w = 0; w < NW; w++) {
-                __m256i v = _mm256_loadu_si256((const __m256i *)(a->qs + (n + w) * a->K + b * QK));
-                float dw = a->d[(n + w) * a->nbp + b];
-                for (int i = 0; i < R; i++)
-                    acc[w][i] = block_fma(v, 1, a->xq + (r + i) * ldq + b * QK, dw * a->xd[(r + i) * a->nbp + b],
-                                          acc[w][i]);
-            }
-        }
-    }
-    for (int w = 0; w < NW; w++)
-        for (int i = 0; i < R; i++) out[w * 4 + i] = FACC_SUM(acc[w][i]);
-}
-#else
-static inline void int_tile(const qm_args *a, const int R, int64_t r, int64_t n, const int NW, float *out) {
-    const int64_t ldq = a->nbp * QK, nb = a->K / QK;
-    for (int w = 0; w < NW; w++) {
-        const float *dw = a->d + (n + w) * a->nbp;
-        for (int i = 0; i < R; i++) {
-            const int16_t *xq = a->xq + (r + i) * ldq;
-            const float *xd = a->xd + (r + i) * a->nbp;
-            float acc = 0.f;
-            for (int64_t b = 0; b < nb; b++) {
-                int32_t s = 0;
-                if (a->kind == 4) {
-                    const uint8_t *q = a->qs + (n + w) * a->nbp * 16 + (b / 2) * 32;
-                    int shift = (b & 1) * 4;
-                    for (int j = 0; j < QK; j++) s += (int32_t)((q[j] >> shift) & 0x0F) * xq[b * QK + j];
-                } else {
-                    const int8_t *q = (const int8_t *)a->qs + (n + w) * a->K + b * QK;
-                    for (int j = 0; j < QK; j++) s += (int32_t)q[j] * xq[b * QK + j];
-                }
-                acc += dw[b] * xd[b] * (float)s;
-            }
-            out[w * 4 + i] = acc;
-        }
-    }
-}
-#endif
-
-/* sum_b m[b] * xs[b]: the mins' share of a dot product */
-static inline float mterm(const float *m, const float *xs, int64_t nb) {
-    float v = 0.f;
-#pragma omp simd reduction(+ : v)
-    for (int64_t b = 0; b < nb; b++) v += m[b] * xs[b];
-    return v;
-}
-
-#define INT_TILE(R_, NW_) int_tile(a, R_, r, n, NW_, out)
-static void int_part(void *p, int t, int T) {
-    const qm_args *a = p;
-    /* 4-row groups of W split among the threads */
-    int64_t G = (a->N + 3) / 4, nb = a->K / QK;
-    int64_t n0 = G * t / T * 4, n1 = G * (t + 1) / T * 4;
-    if (n1 > a->N) n1 = a->N;
-    float out[16];
-    for (int64_t n = n0; n < n1;) {
-        int NW = n1 - n >= 4 ? 4 : 1;
-        for (int64_t r = 0; r < a->M; r += 4) {
-            int R = a->M - r < 4 ? (int)(a->M - r) : 4;
-            /* constant R and NW: the loops unroll and the accumulators stay in registers */
-            if (NW == 4) {
-                switch (R) {
-                    case 1: INT_TILE(1, 4); break;
-#if defined(__AVX512BW__)
-                    case 2: INT_TILE(2, 4); break;
-                    case 3: INT_TILE(3, 4); break;
-                    default: INT_TILE(4, 4); break;
-#else  /* 16 registers: two tiles of 2 weight rows */
-                    case 2: int_tile(a, 2, r, n, 2, out); int_tile(a, 2, r, n + 2, 2, out + 8); break;
-                    case 3: int_tile(a, 3, r, n, 2, out); int_tile(a, 3, r, n + 2, 2, out + 8); break;
-                    default: int_tile(a, 4, r, n, 2, out); int_tile(a, 4, r, n + 2, 2, out + 8); break;
-#endif
+static inline __attribute__((always_inline)) void int_group(const qm_args *a, int64_t g, int64_t r, const int R,
+                                                            float *out) {
+    __m256 acc[IR][2];
+    for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    const int64_t nb = a->nb, tb = tile_bytes(a->kind);
+    const uint8_t *tile = a->qs + g * nb * tb;
+    const uint16_t *dg = a->d + g * nb * NR, *mg = a->m ? a->m + g * nb * NR : NULL;
+    const __m256i lo4 = _mm256_set1_epi8(0x0F);
+    const int sgn = a->kind == 8;
+    for (int64_t b = 0; b < nb; b++, tile += tb) {
+        for (int half = 0; half < 2; half++) { /* rows 8 half .. 8 half + 7 */
+            __m256i w[8];
+            if (a->kind == 4) {
+                for (int v = 0; v < 4; v++) {
+                    __m256i raw = _mm256_loadu_si256((const __m256i *)(tile + 64 * v + 32 * half));
+                    w[v] = _mm256_and_si256(raw, lo4);
+                    w[v + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), lo4);
                 }
             } else {
-                switch (R) {
-                    case 1: INT_TILE(1, 1); break;
-                    case 2: INT_TILE(2, 1); break;
-                    case 3: INT_TILE(3, 1); break;
-                    default: INT_TILE(4, 1); break;
-                }
+                for (int j = 0; j < 8; j++) w[j] = _mm256_loadu_si256((const __m256i *)(tile + 64 * j + 32 * half));
             }
-            for (int w = 0; w < NW; w++) {
-                const float *mw = a->m ? a->m + (n + w) * a->nbp : NULL;
-                for (int i = 0; i < R; i++) {
-                    float v = out[w * 4 + i];
-                    if (mw) v += mterm(mw, a->xs + (r + i) * a->nbp, nb);
-                    if (a->bias) v += a->bias[n + w];
-                    a->y[(r + i) * a->ldy + n + w] = v;
+            __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dg + b * NR + 8 * half)));
+            __m256 mv = mg ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mg + b * NR + 8 * half)))
+                           : _mm256_setzero_ps();
+            for (int i = 0; i < R; i++) {
+                const int8_t *h = a->xh + (r + i) * a->K + b * QK, *l = a->xl + (r + i) * a->K + b * QK;
+                __m256i sh = _mm256_setzero_si256(), sl = _mm256_setzero_si256();
+                for (int j = 0; j < 8; j++) {
+                    int32_t hj, lj;
+                    memcpy(&hj, h + 4 * j, 4);
+                    memcpy(&lj, l + 4 * j, 4);
+                    sh = _mm256_add_epi32(sh, dot4(w[j], _mm256_set1_epi32(hj), sgn));
+                    sl = _mm256_add_epi32(sl, dot4(w[j], _mm256_set1_epi32(lj), sgn));
                 }
+                __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(sh, 8), sl));
+                float dx = a->xd[(r + i) * nb + b], xs = a->xs[(r + i) * nb + b];
+                acc[i][half] = _mm256_fmadd_ps(dv, _mm256_mul_ps(dot, _mm256_set1_ps(dx)), acc[i][half]);
+                if (mg) acc[i][half] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs), acc[i][half]);
             }
         }
-        n += NW;
+    }
+    for (int i = 0; i < R; i++) {
+        _mm256_storeu_ps(out + i * NR, acc[i][0]);
+        _mm256_storeu_ps(out + i * NR + 8, acc[i][1]);
+    }
+}
+#else
+#define IR 4
+static void int_group(const qm_args *a, int64_t g, int64_t r, const int R, float *out) {
+    const int64_t nb = a->nb, tb = tile_bytes(a->kind);
+    for (int i = 0; i < R; i++) {
+        float acc[NR] = {0};
+        const int8_t *h = a->xh + (r + i) * a->K, *l = a->xl + (r + i) * a->K;
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *tile = a->qs + (g * nb + b) * tb;
+            float dx = a->xd[(r + i) * nb + b], xs = a->xs[(r + i) * nb + b];
+            for (int n = 0; n < NR; n++) {
+                int32_t s = 0;
+                for (int j = 0; j < 8; j++) {
+                    for (int e = 0; e < 4; e++) {
+                        int k = b * QK + 4 * j + e, q;
+                        if (a->kind == 4) {
+                            uint8_t byte = tile[64 * (j & 3) + 4 * n + e];
+                            q = j < 4 ? byte & 0x0F : byte >> 4;
+                        } else {
+                            q = (int8_t)tile[64 * j + 4 * n + e];
+                        }
+                        s += q * (256 * h[k] + l[k]);
+                    }
+                }
+                int64_t sc = (g * nb + b) * NR + n;
+                acc[n] += half_to_float(a->d[sc]) * dx * (float)s;
+                if (a->m) acc[n] += half_to_float(a->m[sc]) * xs;
+            }
+        }
+        memcpy(out + i * NR, acc, sizeof acc);
+    }
+}
+#endif
+
+static void int_part(void *p, int t, int T) {
+    const qm_args *a = p;
+    int64_t G = (a->N + NR - 1) / NR;
+    float out[IR * NR];
+    for (int64_t g = G * t / T; g < G * (t + 1) / T; g++) {
+        int nv = a->N - g * NR < NR ? (int)(a->N - g * NR) : NR;
+        for (int64_t r = 0; r < a->M; r += IR) {
+            int R = a->M - r < IR ? (int)(a->M - r) : IR;
+            switch (R) { /* constant R: the loops unroll and the accumulators stay in registers */
+                case 1: int_group(a, g, r, 1, out); break;
+#if IR > 2
+                case 2: int_group(a, g, r, 2, out); break;
+                case 3: int_group(a, g, r, 3, out); break;
+#endif
+                default: int_group(a, g, r, IR, out); break;
+            }
+            for (int i = 0; i < R; i++) {
+                float *dst = a->y + (r + i) * a->ldy + g * NR;
+                for (int n = 0; n < nv; n++) dst[n] = out[i * NR + n] + (a->bias ? a->bias[g * NR + n] : 0.f);
+            }
+        }
     }
 }
 
 /* ---- the fp32 panel path ----------------------------------------------------------------- */
-/* panel[k * NR + j] = W[n0 + j][k] for j < nv, 0 past it. Block by block: the 16 rows' 32 values
- * are dequantized row-major into a small tile (contiguous, vectorized), then transposed in L1. */
-static void dequant_panel(const qm_args *a, int64_t n0, int nv, float *panel) {
-    int64_t nb = a->K / QK;
-    float tile[NR][QK] __attribute__((aligned(64)));
-    memset(tile, 0, sizeof tile);
+/* panel[k * NR + n] = W[16 g + n][k] (padding rows are zero in the layout). */
+static void dequant_panel(const qm_args *a, int64_t g, float *panel) {
+    const int64_t nb = a->nb, tb = tile_bytes(a->kind);
     for (int64_t b = 0; b < nb; b++) {
-        for (int j = 0; j < nv; j++) {
-            int64_t n = n0 + j;
-            float dv = a->d[n * a->nbp + b], mv = a->m ? a->m[n * a->nbp + b] : 0.f;
-            float *t = tile[j];
-            if (a->kind == 4) {
-                const uint8_t *w = a->qs + n * a->nbp * 16 + (b / 2) * 32;
-                if (b & 1)
-                    for (int e = 0; e < QK; e++) t[e] = dv * (float)(w[e] >> 4) + mv;
+        const uint8_t *tile = a->qs + (g * nb + b) * tb;
+        const uint16_t *dp = a->d + (g * nb + b) * NR, *mp = a->m ? a->m + (g * nb + b) * NR : NULL;
+        float *dst = panel + b * QK * NR;
+#if defined(__AVX512F__)
+        __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)dp));
+        __m512 mv = mp ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)mp)) : _mm512_setzero_ps();
+        for (int j = 0; j < 8; j++) {
+            /* lane n holds bytes 4n .. 4n + 3: weights 4j .. 4j + 3 of row n */
+            __m512i v = _mm512_loadu_si512((const void *)(tile + 64 * (a->kind == 4 ? (j & 3) : j)));
+            for (int e = 0; e < 4; e++) {
+                __m512i q;
+                if (a->kind == 4)
+                    q = _mm512_and_si512(_mm512_srli_epi32(v, 8 * e + (j < 4 ? 0 : 4)), _mm512_set1_epi32(0x0F));
                 else
-                    for (int e = 0; e < QK; e++) t[e] = dv * (float)(w[e] & 0x0F) + mv;
-            } else {
-                const int8_t *w = (const int8_t *)a->qs + n * a->K + b * QK;
-                for (int e = 0; e < QK; e++) t[e] = dv * (float)w[e] + mv;
+                    q = _mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * e), 24);
+                _mm512_store_ps(dst + (4 * j + e) * NR, _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), dv, mv));
             }
         }
-        float *dst = panel + b * QK * NR;
-        for (int e = 0; e < QK; e++)
-            for (int j = 0; j < NR; j++) dst[e * NR + j] = tile[j][e];
+#else
+        float dv[NR], mv[NR];
+        for (int n = 0; n < NR; n++) {
+            dv[n] = half_to_float(dp[n]);
+            mv[n] = mp ? half_to_float(mp[n]) : 0.f;
+        }
+        for (int j = 0; j < 8; j++) {
+            for (int e = 0; e < 4; e++) {
+                float *row = dst + (4 * j + e) * NR;
+                for (int n = 0; n < NR; n++) {
+                    int q;
+                    if (a->kind == 4) {
+                        uint8_t byte = tile[64 * (j & 3) + 4 * n + e];
+                        q = j < 4 ? byte & 0x0F : byte >> 4;
+                    } else {
+                        q = (int8_t)tile[64 * j + 4 * n + e];
+                    }
+                    row[n] = dv[n] * (float)q + mv[n];
+                }
+            }
+        }
+#endif
     }
 }
 
@@ -328,13 +382,13 @@ static void fp_tile_any(int m, const float *x, int64_t ldx, const float *panel, 
 
 static void fp_part(void *p, int t, int T) {
     const qm_args *a = p;
-    int64_t P = (a->N + NR - 1) / NR;
+    int64_t G = (a->N + NR - 1) / NR;
     float *panel = a->panels + (int64_t)t * a->K * NR;
     float acc[MR * NR];
-    for (int64_t q = P * t / T; q < P * (t + 1) / T; q++) {
-        int64_t n0 = q * NR;
+    for (int64_t g = G * t / T; g < G * (t + 1) / T; g++) {
+        int64_t n0 = g * NR;
         int nv = a->N - n0 < NR ? (int)(a->N - n0) : NR;
-        dequant_panel(a, n0, nv, panel);
+        dequant_panel(a, g, panel);
         for (int64_t r = 0; r < a->M; r += MR) {
             int m = a->M - r < MR ? (int)(a->M - r) : MR;
             fp_tile_any(m, a->x + r * a->ldx, a->ldx, panel, a->K, acc);
@@ -347,33 +401,32 @@ static void fp_part(void *p, int t, int T) {
 }
 
 /* Returns 0, or -1 when scratch memory could not be allocated. `par` runs a task on the kernels'
- * thread pool (cpu_pool.c's rf_parallel) or is NULL (one thread). */
-int QM_FN(qm_linear)(int kind, const float *x, int64_t ldx, int64_t M, const uint8_t *qs, const float *d,
-                     const float *m, const float *bias, int64_t N, int64_t K, float *y, int64_t ldy, int int_max_m,
-                     rf_par par, int threads) {
-    int64_t nbp = ((K / QK) + 1) & ~(int64_t)1;
-    qm_args a = {kind, x, ldx, M, N, K, nbp, ldy, qs, d, m, bias, y, NULL, NULL, NULL, NULL};
-    int64_t units = M < int_max_m ? N : (N + NR - 1) / NR;
-    int T = units < threads ? (int)units : threads;
-    if (T < 1) T = 1;
+ * thread pool (cpu_pool.c's rf_parallel) or is NULL (one thread). d and m are fp16. */
+int QM_FN(qm_linear)(int kind, const float *x, int64_t ldx, int64_t M, const uint8_t *qs, const uint16_t *d,
+                     const uint16_t *m, const float *bias, int64_t N, int64_t K, float *y, int64_t ldy,
+                     int int_max_m, rf_par par, int threads) {
+    qm_args a = {kind, x, ldx, M, N, K, K / QK, ldy, qs, d, m, bias, y, NULL, NULL, NULL, NULL, NULL};
+    int64_t G = (N + NR - 1) / NR;
+    int T = G < threads ? (int)G : threads;
+    if (T < 1 || !par) T = 1;
     if (M < int_max_m) {
-        int16_t *xq = aligned_alloc(64, (size_t)(M * nbp * QK * 2 + 64) & ~(size_t)63);
-        float *xf = malloc(sizeof(float) * (size_t)(2 * M * nbp + 1));
-        if (!xq || !xf) {
-            free(xq);
+        int8_t *xb = malloc((size_t)(2 * M * K) + 64);
+        float *xf = malloc(sizeof(float) * (size_t)(2 * M * a.nb + 1));
+        if (!xb || !xf) {
+            free(xb);
             free(xf);
             return -1;
         }
-        quantize_rows(x, ldx, M, K, nbp, xq, xf, xf + M * nbp);
-        a.xq = xq;
+        quantize_rows(x, ldx, M, K, xb, xb + M * K, xf, xf + M * a.nb);
+        a.xh = xb;
+        a.xl = xb + M * K;
         a.xd = xf;
-        a.xs = xf + M * nbp;
-        if (par && T > 1) par(int_part, &a, T); else int_part(&a, 0, 1);  /* one caller per pool call */
-        free(xq);
+        a.xs = xf + M * a.nb;
+        if (T > 1) par(int_part, &a, T); else int_part(&a, 0, 1);  /* one caller per pool call */
+        free(xb);
         free(xf);
         return 0;
     }
-    if (!par) T = 1;
     a.panels = aligned_alloc(64, (size_t)T * K * NR * sizeof(float));  /* K % 32 == 0: a multiple of 64 */
     if (!a.panels) return -1;
     if (T > 1) par(fp_part, &a, T); else fp_part(&a, 0, 1);

@@ -4,24 +4,25 @@
  * calls code the CPU it runs on supports (GCC/clang's __builtin_cpu_supports, which also checks
  * that the OS saves the AVX / AVX-512 registers).
  *
- * ISA levels: 0 portable C, 1 AVX2 + FMA (maddubs dot products), 2 AVX-512 F/BW/VL/DQ + VNNI
+ * ISA levels: 0 portable C, 1 AVX2 + FMA + F16C (maddubs dot products), 2 AVX-512 F/BW/VL/DQ + VNNI
  * (dpbusd dot products, 512-bit fp32 tiles).
  */
 #include <stdint.h>
+#include <string.h>
 
 typedef void (*rf_task)(void *arg, int t, int n);
 typedef void (*rf_par)(rf_task fn, void *arg, int n);
-typedef int (*qm_fn)(int, const float *, int64_t, int64_t, const uint8_t *, const float *, const float *,
+typedef int (*qm_fn)(int, const float *, int64_t, int64_t, const uint8_t *, const uint16_t *, const uint16_t *,
                      const float *, int64_t, int64_t, float *, int64_t, int, rf_par, int);
 
-int qm_linear_portable(int, const float *, int64_t, int64_t, const uint8_t *, const float *, const float *,
+int qm_linear_portable(int, const float *, int64_t, int64_t, const uint8_t *, const uint16_t *, const uint16_t *,
                        const float *, int64_t, int64_t, float *, int64_t, int, rf_par, int);
 #ifdef QM_HAVE_AVX2
-int qm_linear_avx2(int, const float *, int64_t, int64_t, const uint8_t *, const float *, const float *,
+int qm_linear_avx2(int, const float *, int64_t, int64_t, const uint8_t *, const uint16_t *, const uint16_t *,
                    const float *, int64_t, int64_t, float *, int64_t, int, rf_par, int);
 #endif
 #ifdef QM_HAVE_AVX512
-int qm_linear_avx512(int, const float *, int64_t, int64_t, const uint8_t *, const float *, const float *,
+int qm_linear_avx512(int, const float *, int64_t, int64_t, const uint8_t *, const uint16_t *, const uint16_t *,
                      const float *, int64_t, int64_t, float *, int64_t, int, rf_par, int);
 #endif
 
@@ -39,7 +40,7 @@ int qm_supported(void) {
         return 2;
 #endif
 #ifdef QM_HAVE_AVX2
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return 1;
 #endif
 #endif
     return 0;
@@ -54,8 +55,9 @@ int qm_set_level(int want) {
 
 void qm_set_pool(rf_par par) { pool = par; }
 
-int qm_linear(int kind, const float *x, int64_t ldx, int64_t M, const uint8_t *qs, const float *d, const float *m,
-              const float *bias, int64_t N, int64_t K, float *y, int64_t ldy, int int_max_m, int threads) {
+int qm_linear(int kind, const float *x, int64_t ldx, int64_t M, const uint8_t *qs, const uint16_t *d,
+              const uint16_t *m, const float *bias, int64_t N, int64_t K, float *y, int64_t ldy, int int_max_m,
+              int threads) {
     if (level < 0) qm_set_level(-1);
     qm_fn fn = qm_linear_portable;
 #ifdef QM_HAVE_AVX2
@@ -67,23 +69,49 @@ int qm_linear(int kind, const float *x, int64_t ldx, int64_t M, const uint8_t *q
     return fn(kind, x, ldx, M, qs, d, m, bias, N, K, y, ldy, int_max_m, pool, threads);
 }
 
-/* out[i] (K floats) = row ids[i] of the weight dequantized (layout of cpu_qmm.c). */
-void qm_dequant_rows(int kind, const uint8_t *qs, const float *d, const float *m, int64_t K, const int64_t *ids,
-                     int64_t n, float *out) {
-    int64_t nb = K / 32, nbp = (nb + 1) & ~(int64_t)1;
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0x1F) {
+        bits = sign | 0x7F800000u | (man << 13);
+    } else if (exp) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man) { /* subnormal: normalize */
+        int e = -1;
+        do {
+            man <<= 1;
+            e++;
+        } while (!(man & 0x400));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3FF) << 13);
+    } else {
+        bits = sign;
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* out[i] (K floats) = row ids[i] of the weight dequantized (layout of cpu_qmm.c: groups of 16
+ * rows, one tile per block; d and m fp16). */
+void qm_dequant_rows(int kind, const uint8_t *qs, const uint16_t *d, const uint16_t *m, int64_t K,
+                     const int64_t *ids, int64_t n, float *out) {
+    int64_t nb = K / 32, tb = kind == 4 ? 256 : 512;
     for (int64_t i = 0; i < n; i++) {
-        int64_t r = ids[i];
-        const float *dr = d + r * nbp, *mr = m ? m + r * nbp : 0;
+        int64_t g = ids[i] / 16, r = ids[i] % 16;
         float *o = out + i * K;
         for (int64_t b = 0; b < nb; b++) {
-            float dv = dr[b], mv = mr ? mr[b] : 0.f;
-            if (kind == 4) {
-                const uint8_t *w = qs + r * nbp * 16 + (b / 2) * 32;
-                int shift = (b & 1) * 4;
-                for (int e = 0; e < 32; e++) o[b * 32 + e] = dv * (float)((w[e] >> shift) & 0x0F) + mv;
-            } else {
-                const int8_t *w = (const int8_t *)qs + r * K + b * 32;
-                for (int e = 0; e < 32; e++) o[b * 32 + e] = dv * (float)w[e] + mv;
+            const uint8_t *tile = qs + (g * nb + b) * tb;
+            float dv = half_to_float(d[(g * nb + b) * 16 + r]), mv = m ? half_to_float(m[(g * nb + b) * 16 + r]) : 0.f;
+            for (int j = 0; j < 8; j++) {
+                for (int e = 0; e < 4; e++) {
+                    int q;
+                    if (kind == 4) {
+                        uint8_t byte = tile[64 * (j & 3) + 4 * r + e];
+                        q = j < 4 ? byte & 0x0F : byte >> 4;
+                    } else {
+                        q = (int8_t)tile[64 * j + 4 * r + e];
+                    }
+                    o[b * 32 + 4 * j + e] = dv * (float)q + mv;
+                }
             }
         }
     }

@@ -9,8 +9,9 @@
                                   tile on panels of W dequantized on the fly (no fp32 copy kept)
   embedding(qw, ids) -> rows      rows of W dequantized on lookup
 
-Value of element (n, k), block b = k // 32: d[n, b] * q[n, k] + m[n, b]; kind 4 holds q in
-[0, 15] (two blocks share a byte run: low and high nibbles), kind 8 holds int8 q.
+Value of element (n, k), block b = k // 32: d[n, b] * q[n, k] + m[n, b] with fp16 d and m; kind 4
+holds q in [0, 15], kind 8 int8 q in [-127, 127]. Rows are kept in groups of 16, interleaved four
+weights at a time, so one SIMD instruction works on 16 rows (the layout: cpu_qmm.c).
 
 The library is built without -march=native: cpu_qmm.c is compiled once per instruction set
 (portable, AVX2 + FMA, AVX-512 + VNNI) and cpu_quant.c picks one at run time from the CPU's
@@ -50,7 +51,7 @@ _BASE = ["-O3", "-fPIC", "-fno-math-errno", "-ffp-contract=fast", "-fopenmp-simd
 _ISA_FLAGS = {"avx2": ["-mavx2", "-mfma", "-mf16c"],
               "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
                          "-mavx512vnni"]}
-_VERSION = b"4"  # bump when the flags or the build steps change
+_VERSION = b"5"  # bump when the flags or the build steps change
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -131,6 +132,13 @@ def available() -> bool:
     return _load() is not None
 
 
+def linear_fn_address() -> int | None:
+    """The address of cpu_quant.c's qm_linear (C callers such as cpu_decode_step.c call the
+    quantized matmul through it), or None when the kernels are not available."""
+    lib = _load()
+    return None if lib is None else ctypes.cast(lib.qm_linear, ctypes.c_void_p).value
+
+
 def supported_level() -> str:
     """The best instruction-set level of this CPU and build: 'portable', 'avx2' or 'avx512'."""
     return LEVELS[_need().qm_supported()]
@@ -143,9 +151,10 @@ def set_level(name: str | None) -> str:
 
 @dataclass(frozen=True)
 class QuantWeight:
-    """An (N, K) weight: qs uint8 (N, nbp * 16) for kind 4 or int8 as uint8 (N, K) for kind 8;
-    d and m fp32 (N, nbp) with nbp = ceil(K / 32) rounded up to even, padding blocks zero; m None
-    means zero mins. Everything contiguous on the CPU."""
+    """An (N, K) weight in cpu_qmm.c's layout: rows in groups of 16 (G = ceil(N / 16), padding rows
+    zero), one tile per (group, block of 32): qs uint8 (G, K / 32, 256) for kind 4, (G, K / 32, 512)
+    for kind 8; d and m fp16 (G, K / 32, 16), m None meaning zero mins. Everything contiguous on
+    the CPU."""
 
     kind: int
     qs: torch.Tensor
@@ -158,74 +167,101 @@ class QuantWeight:
         return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m) if t is not None)
 
 
-def _nbp(K: int) -> int:
-    return (K // QK + 1) & ~1
+NR = 16  # rows per group
+
+
+def _to_tiles(kind: int, q: torch.Tensor) -> torch.Tensor:
+    """(G * 16, K) quants -> (G, nb, tile bytes): byte 4n + e of vector v holds weight 4v + e of
+    the block for row n (kind 4: vectors v and v + 4 share bytes, low and high nibbles)."""
+    GN, K = q.shape
+    t = q.view(GN // NR, NR, K // QK, 8, 4).permute(0, 2, 3, 1, 4)  # (G, nb, j, n, e)
+    if kind == 8:
+        return t.to(torch.int8).contiguous().view(torch.uint8).view(GN // NR, K // QK, 512)
+    t = t.to(torch.uint8)
+    return (t[:, :, :4] | (t[:, :, 4:] << 4)).contiguous().view(GN // NR, K // QK, 256)
+
+
+def _group_rows(t: torch.Tensor, G: int) -> torch.Tensor:
+    """(N, nb) per-block values -> (G, nb, 16) fp16, padding rows zero."""
+    N, nb = t.shape
+    out = torch.zeros(G * NR, nb, dtype=torch.float16)
+    out[:N] = t
+    return out.view(G, NR, nb).transpose(1, 2).contiguous()
 
 
 def pack(kind: int, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> QuantWeight:
-    """q (N, K) integer quants ([0, 15] for kind 4, [-128, 127] for kind 8), d and m (N, K / 32)
-    scales and mins (m None: zero) -> QuantWeight. Raises ValueError on bad shapes or ranges."""
+    """q (N, K) integer quants ([0, 15] for kind 4, [-127, 127] for kind 8), d and m (N, K / 32)
+    scales and mins (m None: zero), rounded to fp16 -> QuantWeight. Raises ValueError on bad
+    shapes or ranges."""
     if kind not in (4, 8) or q.dim() != 2 or q.shape[1] % QK:
         raise ValueError(f"kind must be 4 or 8 and q (N, K) with K % 32 == 0, got {kind}, {tuple(q.shape)}")
     N, K = q.shape
-    nb, nbp = K // QK, _nbp(K)
+    nb = K // QK
     for name, t in (("d", d), ("m", m)):
         if t is not None and tuple(t.shape) != (N, nb):
             raise ValueError(f"{name} must be ({N}, {nb}), got {tuple(t.shape)}")
-    lo, hi = (0, 15) if kind == 4 else (-128, 127)
+    lo, hi = (0, 15) if kind == 4 else (-127, 127)  # -128 would overflow the AVX2 sign trick
     if q.numel() and (int(q.min()) < lo or int(q.max()) > hi):
         raise ValueError(f"kind {kind} quants must lie in [{lo}, {hi}]")
-
-    def pad(t: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(N, nbp, dtype=torch.float32)
-        out[:, :nb] = t
-        return out
-
-    if kind == 4:
-        qb = torch.zeros(N, nbp, QK, dtype=torch.uint8)
-        qb[:, :nb] = q.to(torch.uint8).view(N, nb, QK)
-        qs = (qb[:, 0::2] | (qb[:, 1::2] << 4)).reshape(N, nbp * 16).contiguous()
-    else:
-        qs = q.to(torch.int8).contiguous().view(torch.uint8)
-    return QuantWeight(kind, qs, pad(d.float()), None if m is None else pad(m.float()), (N, K))
+    G = (N + NR - 1) // NR
+    qp = torch.zeros(G * NR, K, dtype=torch.int16)
+    qp[:N] = q
+    return QuantWeight(kind, _to_tiles(kind, qp), _group_rows(d, G), None if m is None else _group_rows(m, G),
+                       (N, K))
 
 
 def quantize(w: torch.Tensor, scheme: str) -> QuantWeight:
     """Weight-only quantization of w (N, K), K % 32 == 0, per group of 32: 'int8' symmetric
-    (d = amax / 127), 'int4' asymmetric (d = (max - min) / 15, m = min), rounding to nearest."""
+    (d = amax / 127), 'int4' asymmetric (d = (max - min) / 15, m = min), rounding to nearest
+    against the fp16-rounded d and m the kernels read."""
     w = w.detach().float().cpu()
     N, K = w.shape
     g = w.view(N, K // QK, QK)
     if scheme == "int8":
-        d = g.abs().amax(-1) / 127
+        d = (g.abs().amax(-1) / 127).half().float()
         q = torch.round(g / torch.where(d > 0, d, 1)[..., None]).clamp_(-127, 127)
         return pack(8, q.view(N, K).to(torch.int8), d, None)
-    if scheme == "int4":
-        lo, hi = g.amin(-1), g.amax(-1)
-        d = (hi - lo) / 15
+    if scheme == "int4":  # min rounded down and step up in fp16, so [m, m + 15 d] covers the group
+        lo = _half_toward(g.amin(-1), -1)
+        d = _half_toward((g.amax(-1) - lo) / 15, 1)
         q = torch.round((g - lo[..., None]) / torch.where(d > 0, d, 1)[..., None]).clamp_(0, 15)
         return pack(4, q.view(N, K).to(torch.uint8), d, lo)
     raise ValueError(f"quantization scheme must be 'int8' or 'int4', got {scheme!r}")
 
 
+def _half_toward(t: torch.Tensor, direction: int) -> torch.Tensor:
+    """t (fp32) rounded to fp16, then moved one fp16 step toward +inf (direction 1) or -inf (-1)
+    where rounding went the other way; returned as fp32."""
+    h = t.half()
+    off = h.float() < t if direction > 0 else h.float() > t
+    h = torch.where(off, torch.nextafter(h, torch.full_like(h, direction * float("inf"))), h)
+    return h.float()
+
+
+def _rows(t: torch.Tensor, N: int) -> torch.Tensor:
+    """(G, nb, 16) per-block values -> (N, nb) fp32."""
+    return t.transpose(1, 2).reshape(-1, t.shape[1])[:N].float()
+
+
 def unpack(qw: QuantWeight) -> torch.Tensor:
     """The integer quants (N, K) (int8) of a QuantWeight."""
     N, K = qw.shape
-    nb = K // QK
+    G, nb = qw.qs.shape[:2]
     if qw.kind == 8:
-        return qw.qs.view(torch.int8).clone()
-    pairs = qw.qs.view(N, -1, QK)
-    both = torch.stack([pairs & 0x0F, pairs >> 4], dim=2).view(N, -1, QK)  # blocks in order
-    return both[:, :nb].reshape(N, K).to(torch.int8)
+        t = qw.qs.view(torch.int8).view(G, nb, 8, NR, 4)
+    else:
+        v = qw.qs.view(G, nb, 4, NR, 4)
+        t = torch.cat([v & 0x0F, v >> 4], dim=2).view(torch.int8)
+    return t.permute(0, 3, 1, 2, 4).reshape(G * NR, K)[:N].contiguous()
 
 
 def dequantize(qw: QuantWeight) -> torch.Tensor:
     """The fp32 (N, K) values of a QuantWeight (PyTorch; for references and the none path)."""
     N, K = qw.shape
     nb = K // QK
-    out = unpack(qw).view(N, nb, QK).float() * qw.d[:, :nb, None]
+    out = unpack(qw).view(N, nb, QK).float() * _rows(qw.d, N)[..., None]
     if qw.m is not None:
-        out += qw.m[:, :nb, None]
+        out += _rows(qw.m, N)[..., None]
     return out.view(N, K)
 
 
@@ -292,6 +328,6 @@ def concat(parts: list[QuantBlocks]) -> QuantBlocks:
 
 
 def blocks_of(qw: QuantWeight) -> QuantBlocks:
-    """The QuantBlocks a QuantWeight was packed from."""
-    nb = qw.shape[1] // QK
-    return QuantBlocks(qw.kind, unpack(qw), qw.d[:, :nb].clone(), None if qw.m is None else qw.m[:, :nb].clone())
+    """The QuantBlocks a QuantWeight was packed from (scales and mins as the fp16 values kept)."""
+    N = qw.shape[0]
+    return QuantBlocks(qw.kind, unpack(qw), _rows(qw.d, N), None if qw.m is None else _rows(qw.m, N))

@@ -114,12 +114,12 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 def quantize_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) fp32, K % 32 == 0 -> (q (M, K) int16-valued fp64, dx (M, K / 32) fp32): per block
-    of 32, dx = amax / 32767 and q = round-half-even(x * (1 / dx)), 0 where amax == 0 (cpu_qmm.c)."""
+    of 32, dx = amax / 32639 and q = round-half-even(x * (1 / dx)), 0 where amax == 0 (cpu_qmm.c)."""
     M, K = x.shape
     g = x.float().view(M, K // 32, 32)
-    dx = g.abs().amax(-1) / 32767
+    dx = g.abs().amax(-1) / 32639
     inv = torch.where(dx > 0, 1 / dx, torch.zeros_like(dx))
-    return torch.round(g * inv[..., None]).view(M, K).double(), dx
+    return torch.round(g * inv[..., None]).clamp_(-32639, 32639).view(M, K).double(), dx
 
 
 def qlinear_ref(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:

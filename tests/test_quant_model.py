@@ -63,7 +63,7 @@ def _teacher_forced(path: str, ids: list[int], **kwargs) -> tuple[list[int], lis
 
 
 def test_teacher_forced_accuracy_against_the_fp32_path(default_model_path, tokenizer, monkeypatch):
-    """Item 7 of issue 18, on the integer path (int8 activations, the lossy one; forced for every
+    """Item 7 of issue 18, on the integer path (16-bit activations, the lossy one; forced for every
     row count): top-1 agreement >= 99% and perplexity within 1% of the fp32-dequantized path."""
     ids = tokenizer.encode(TEXT.read_text(encoding="utf-8"))[:N_TOKENS]
     assert len(ids) == N_TOKENS
