@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
+from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from radixflow.kernels import cpu_quant as cq
@@ -131,3 +132,21 @@ def test_concat_promotes_four_bit_shards_exactly():
     assert both.kind == 8
     want = torch.cat([cq.dequantize(a.pack()), cq.dequantize(b.pack())])
     assert torch.equal(cq.dequantize(both), want)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K])
+def test_k_quants_are_kept_as_blocks_of_32(qtype):
+    """Q4_K / Q5_K super-blocks (random bytes with sane fp16 d and dmin; gguf-py cannot quantize
+    K-quants) load as 4- / 8-bit blocks whose values are ggml's to the fp16 rounding of d * sc."""
+    size = {QT.Q4_K: 144, QT.Q5_K: 176}[qtype]
+    rng = np.random.default_rng(int(qtype))
+    raw = rng.integers(0, 256, (16 * 2, size), dtype=np.uint8)  # (16, 512): two super-blocks a row
+    raw[:, 0:2] = np.full((32, 1), 0.01, np.float16).view(np.uint8)
+    raw[:, 2:4] = np.full((32, 1), 0.002, np.float16).view(np.uint8)
+    blocks = gguf_blocks(raw, qtype, (16, 512))
+    assert blocks.kind == (4 if qtype == QT.Q4_K else 8)
+    qw = blocks.pack()
+    want = torch.from_numpy(gguf_dequantize(raw.reshape(-1), qtype).reshape(16, 512))
+    torch.testing.assert_close(cq.dequantize(qw), want, rtol=0, atol=1e-3 * float(want.abs().max()))
+    x = torch.randn(3, 512)
+    torch.testing.assert_close(cq.linear(x, qw), F.linear(x, cq.dequantize(qw)), rtol=1e-2, atol=1e-2)

@@ -2,8 +2,10 @@
 
 `gguf_blocks` maps the raw bytes of one tensor to `cpu_quant.QuantBlocks` (per-element quants
 with per-block scales and mins, no fp32 values): Q4_0 and Q4_1 become 4-bit blocks, Q8_0, Q5_0
-and Q5_1 8-bit ones, each value exactly as ggml defines it. Other block types (K-quants,
-IQ-quants) are decoded to fp32 and requantized to 8-bit blocks of 32. `iter_gguf_weights`
+and Q5_1 8-bit ones, each value exactly as ggml defines it. Q4_K and Q5_K (super-blocks of 256
+with 6-bit scales per 32) become 4- and 8-bit blocks of 32 with scale d * sc and min -dmin * m,
+which the kernels keep in fp16 (within 0.05% of ggml's fp32 products). Other block types (Q6_K's
+sub-blocks of 16, Q2_K, Q3_K, IQ-quants) are decoded to fp32 and requantized to 8-bit blocks. `iter_gguf_weights`
 yields every tensor of a Llama GGUF under its Hugging Face name, in HF Q/K row order.
 """
 
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader
+from gguf.quants import Q4_K
 
 from radixflow.kernels.cpu_quant import QuantBlocks, blocks_of, quantize
 from radixflow.runtime.loading.gguf import _f16, _fifth_bits, _nibbles, dequantize, hf_tensor_name, unpermute_qk
@@ -35,7 +38,9 @@ def gguf_blocks(raw: np.ndarray, qtype: QT, shape: tuple[int, int]) -> QuantBloc
         return None
     N, K = shape
     data = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
-    if qtype not in _LAYOUTS:  # K-quants and others: requantized (lossy) to 8-bit blocks
+    if qtype in (QT.Q4_K, QT.Q5_K):
+        return _k_quant_blocks(data, qtype, shape)
+    if qtype not in _LAYOUTS:  # other K-quants and IQ-quants: requantized (lossy) to 8-bit blocks
         return blocks_of(quantize(torch.from_numpy(dequantize(data, qtype, shape)), "int8"))
     size, kind, qoff, has_min, offset = _LAYOUTS[qtype]
     if data.size != N * K // 32 * size:
@@ -58,6 +63,34 @@ def gguf_blocks(raw: np.ndarray, qtype: QT, shape: tuple[int, int]) -> QuantBloc
         return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
 
     return QuantBlocks(kind, t(q.reshape(N, K)), t(d.reshape(N, nb)), t(None if m is None else m.reshape(N, nb)))
+
+
+_K_SIZES = {QT.Q4_K: 144, QT.Q5_K: 176}  # bytes per super-block of 256
+
+
+def _k_quant_blocks(data: np.ndarray, qtype: QT, shape: tuple[int, int]) -> QuantBlocks:
+    """Q4_K / Q5_K (ggml-common.h: fp16 d and dmin, 12 bytes of 6-bit scales and mins for the
+    eight sub-blocks of 32, [Q5_K: 32 bytes of fifth bits,] 128 bytes of nibbles) as blocks of 32:
+    value = (d * sc) q - dmin * m."""
+    N, K = shape
+    size = _K_SIZES[qtype]
+    if K % 256 or data.size != N * K // 256 * size:
+        raise ValueError(f"{qtype.name} tensor of shape {shape}: {data.size} bytes, expected {N * K // 256 * size}")
+    b = data.reshape(-1, size)
+    sc, mn = Q4_K.get_scale_min(np.ascontiguousarray(b[:, 4:16]))
+    d = _f16(b, 0) * sc.astype(np.float32)  # (n, 8)
+    m = -_f16(b, 2) * mn.astype(np.float32)
+    qoff = 16 if qtype == QT.Q4_K else 48
+    # 64-element chunks: low nibbles are sub-block 2c, high nibbles 2c + 1
+    q = (b[:, qoff:].reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & np.uint8(0x0F)
+    q = q.reshape(-1, 8, 32)
+    if qtype == QT.Q5_K:  # bit j of the fifth-bit bytes belongs to sub-block j
+        bits = (b[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & np.uint8(1)
+        q = q | (bits << np.uint8(4))
+    kind, nb = (4 if qtype == QT.Q4_K else 8), K // 32
+    return QuantBlocks(kind, torch.from_numpy(np.ascontiguousarray(q.reshape(N, K)).view(np.int8)),
+                       torch.from_numpy(np.ascontiguousarray(d.reshape(N, nb))),
+                       torch.from_numpy(np.ascontiguousarray(m.reshape(N, nb))))
 
 
 def _permute_rows(blocks: QuantBlocks, n_head: int) -> QuantBlocks:
