@@ -326,7 +326,8 @@ class Engine:
         if isinstance(msg, AddRequest):
             sp = msg.req.sampling_params
             self._sinks[msg.req.rid] = msg.sink
-            self.detokenizer.register(msg.req.rid, stop=sp.stop, no_stop_trim=sp.no_stop_trim,
+            self.detokenizer.register(msg.req.rid, stop=sp.stop, stop_regex=sp.stop_regex,
+                                      no_stop_trim=sp.no_stop_trim,
                                       skip_special_tokens=sp.skip_special_tokens,
                                       spaces_between_special_tokens=sp.spaces_between_special_tokens,
                                       return_text_in_logprobs=msg.return_text_in_logprobs, created=msg.created)

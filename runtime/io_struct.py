@@ -36,6 +36,7 @@ class RegisterReq:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     return_text_in_logprobs: bool = False
+    stop_regex: list[str] = field(default_factory=list)
 
 
 @dataclass

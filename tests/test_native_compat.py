@@ -37,6 +37,31 @@ def test_stop_regex_stops_and_trims(client: httpx.Client) -> None:
     assert kept["text"].startswith(full[:m.end()]) and re.search(r"[5-9],", kept["text"])
 
 
+def test_streamed_stop_regex_match_is_never_sent(client: httpx.Client) -> None:
+    """A match that spans tokens is held back while it may still be one: every streamed text is a
+    prefix of the final, trimmed text."""
+    full = generate(client, {"max_new_tokens": 24, "temperature": 0}).json()["text"]
+    m = re.search(r"5, 6,", full)
+    assert m is not None, f"the model's greedy text has no match to stop at: {full!r}"
+    texts = []
+    with client.stream("POST", "/generate", json={"text": PROMPT, "stream": True, "sampling_params": {
+            "max_new_tokens": 24, "temperature": 0, "stop_regex": r"5, 6,"}}) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                texts.append(json.loads(line[len("data: "):])["text"])
+    assert texts[-1] == full[:m.start()]
+    assert all(texts[-1].startswith(t) for t in texts), texts
+
+
+def test_partial_regex_start_finds_matches_in_progress() -> None:
+    from radixflow.runtime.text.detokenizer import partial_regex_start
+
+    assert partial_regex_start("1, 2, 3, 4, 5", [r"5, 6,"]) == len("1, 2, 3, 4, ")
+    assert partial_regex_start("1, 2, 3, 4, 5, 6", [r"zzz", r"[5-9], [5-9],"]) == len("1, 2, 3, 4, ")
+    assert partial_regex_start("1, 2, 3", [r"5, 6,"]) == len("1, 2, 3")
+    assert partial_regex_start("ab", [r"(unbalanced"]) == 2  # not compilable: nothing held back
+
+
 @pytest.mark.parametrize(("pattern", "message"), [("(", "not a valid regular expression"),
                                                   ("a*", "matches the empty string"),
                                                   (["ok", 3], "stop_regex must be")])

@@ -53,7 +53,7 @@ def _handle(detok: Any, items: list[Any]) -> list[Any]:
     out: list[Any] = []
     for item in items:
         if isinstance(item, RegisterReq):
-            detok.register(item.rid, stop=item.stop, no_stop_trim=item.no_stop_trim,
+            detok.register(item.rid, stop=item.stop, stop_regex=item.stop_regex, no_stop_trim=item.no_stop_trim,
                            skip_special_tokens=item.skip_special_tokens,
                            spaces_between_special_tokens=item.spaces_between_special_tokens,
                            return_text_in_logprobs=item.return_text_in_logprobs)

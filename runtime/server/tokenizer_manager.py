@@ -148,7 +148,8 @@ class TokenizerManager:
             sp = r.sampling_params
             out.reqs.append(r)
             out.registers.append(RegisterReq(r.rid, list(sp.stop), sp.no_stop_trim, sp.skip_special_tokens,
-                                             sp.spaces_between_special_tokens, options.return_text_in_logprobs))
+                                             sp.spaces_between_special_tokens, options.return_text_in_logprobs,
+                                             list(sp.stop_regex)))
             out.prompt_index.append(i)
 
     def _sampling_params(self, d: dict[str, Any] | None) -> SamplingParams:

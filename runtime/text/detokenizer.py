@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import lru_cache
 from typing import Any
+
+import regex
 
 from radixflow.grammars.output_check import grammar_report
 from radixflow.runtime.intake import abort_result
@@ -18,10 +21,11 @@ logger = logging.getLogger(__name__)
 
 
 class _State:
-    def __init__(self, decoder: IncrementalDecoder, stop: list[str], no_stop_trim: bool,
+    def __init__(self, decoder: IncrementalDecoder, stop: list[str], stop_regex: list[str], no_stop_trim: bool,
                  return_text_in_logprobs: bool, created: float) -> None:
         self.decoder = decoder
         self.stop = stop
+        self.stop_regex = stop_regex
         self.no_stop_trim = no_stop_trim
         self.text_in_lp = return_text_in_logprobs
         self.created = created
@@ -41,12 +45,13 @@ class Detokenizer:
         self.tokenizer = tokenizer
         self.states: dict[str, _State] = {}
 
-    def register(self, rid: str, *, stop: list[str] | None = None, no_stop_trim: bool = False,
+    def register(self, rid: str, *, stop: list[str] | None = None, stop_regex: list[str] | None = None,
+                 no_stop_trim: bool = False,
                  skip_special_tokens: bool = True, spaces_between_special_tokens: bool = True,
                  return_text_in_logprobs: bool = False, created: float | None = None) -> None:
         dec = IncrementalDecoder(self.tokenizer, skip_special_tokens=skip_special_tokens,
                                  spaces_between_special_tokens=spaces_between_special_tokens)
-        self.states[rid] = _State(dec, list(stop or []), no_stop_trim, return_text_in_logprobs,
+        self.states[rid] = _State(dec, list(stop or []), list(stop_regex or []), no_stop_trim, return_text_in_logprobs,
                                   created if created is not None else time.perf_counter())
 
     def discard(self, rid: str) -> None:
@@ -67,8 +72,11 @@ class Detokenizer:
             cut = text.find(out.matched_stop_str)
             if cut >= 0:
                 text = text[:cut]
-        elif not out.finished and st.stop:
-            text = text[:len(text) - _partial_stop_suffix(text, st.stop)]
+        elif not out.finished:  # hold back what may still become a stop string or a stop_regex match
+            if st.stop:
+                text = text[:len(text) - _partial_stop_suffix(text, st.stop)]
+            if st.stop_regex:
+                text = text[:partial_regex_start(text, st.stop_regex)]
         self._fold_logprobs(st, out)
         meta: dict[str, Any] = {
             "id": out.rid,
@@ -125,3 +133,30 @@ def _partial_stop_suffix(text: str, stops: list[str]) -> int:
                 best = k
                 break
     return best
+
+
+_REGEX_TAIL_CHARS = 256  # as the scheduler's stop check: a match is looked for this far back at most
+
+
+def partial_regex_start(text: str, patterns: list[str]) -> int:
+    """Where in `text` the earliest match of a pattern that runs into the end of the text (a
+    match that more text could extend or complete) starts; len(text) if none. A streamed stop_regex
+    match is held back from there, so it is never sent before it is trimmed. Patterns the `regex`
+    module cannot compile (all that `re` accepts but a few) hold nothing back."""
+    start = max(0, len(text) - _REGEX_TAIL_CHARS)
+    cut = len(text)
+    for p in patterns:
+        try:
+            compiled = _partial_pattern(p)
+        except regex.error:
+            continue
+        for m in compiled.finditer(text, start, partial=True):
+            if m.end() == len(text) and m.start() < cut:
+                cut = m.start()
+                break
+    return cut
+
+
+@lru_cache(maxsize=256)
+def _partial_pattern(pattern: str) -> regex.Pattern:
+    return regex.compile(pattern)
