@@ -108,9 +108,18 @@ def output_logprobs(raw_lp: torch.Tensor, next_ids: list[int],
     return [(c, t[:r.top_logprobs_num]) for c, t, r in zip(chosen, tops, reqs)]
 
 
+def _needs_adjusting(r: Req) -> bool:
+    p = r.params
+    return bool(p.logit_bias or ((p.frequency_penalty or p.presence_penalty) and r.output_ids)
+                or p.repetition_penalty != 1.0 or len(r.output_ids) < p.min_new_tokens)
+
+
 def _adjusted(logits: torch.Tensor, reqs: list[Req], faults: dict[int, Fault]) -> torch.Tensor:
-    """A copy of logits after bias, penalties and min_new_tokens masking; a row whose request
+    """A copy of logits after bias, penalties and min_new_tokens masking, or logits itself when no
+    request asks for any (the common case: no 200 KB copy per row and step); a row whose request
     makes them raise goes to `faults`."""
+    if not any(_needs_adjusting(r) for r in reqs):
+        return logits
     work = logits.clone()
     try:
         apply_penalties(work, reqs)
@@ -136,7 +145,8 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, reqs: list[Req],
                grammar_mask_fn: GrammarMaskFn | None = None) -> SampleOutput:
-        """logits: fp32 (B, V) of each request's last position; returns the next token per request.
+        """logits: fp32 (B, V) of each request's last position, which may be changed in place (the
+        grammar masks); returns the next token per request.
 
         `grammar_mask_fn(logits)` (optional) masks constrained rows in place after penalties.
         A row that raises (penalties, grammar, drawing, logprobs) or has no finite logit left
