@@ -4,7 +4,8 @@
  * radixflow/kernels/cpu_ext.py; reference: kernels/reference.py decode_attention_ref.
  *
  * q, out:   (B, H, D) contiguous fp32
- * k_buf, v_buf: (num_slots, Hkv, D) contiguous, fp32, fp16 or bf16 (cpu_attn_body.h, once per type)
+ * k_buf, v_buf: (num_slots, Hkv, D) contiguous, fp32, fp16, bf16, fp8 e4m3 or fp8 e5m2
+ *               (cpu_attn_body.h, once per type)
  * req_to_token: int32 rows of `r2t_stride` slot indices; rows[b] is request b's row
  * seq_lens[b]: number of keys of request b (>= 1)
  */
@@ -97,17 +98,19 @@ static inline float bf16_to_float(uint16_t h) {
 #undef LD8
 #define KV_T uint16_t
 #define FN(name) name##_f16
-#if defined(__F16C__)
+#if defined(__F16C__) && defined(__AVX2__)
 #define LD1(p) _cvtsh_ss(*(p))
 #define LD8(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
-#else
+#else  /* LD8 is used on the AVX2 path only */
 #define LD1(p) half_to_float(*(p))
 #define LD8(p) load8_half(p)
+#if defined(__AVX2__)
 static inline __m256 load8_half(const uint16_t *p) {
     float f[8];
     for (int i = 0; i < 8; i++) f[i] = half_to_float(p[i]);
     return _mm256_loadu_ps(f);
 }
+#endif
 #endif
 #include "cpu_attn_body.h"
 #undef KV_T
@@ -124,13 +127,63 @@ static inline __m256 load8_half(const uint16_t *p) {
 #undef LD1
 #undef LD8
 
+/* fp8 e5m2 is the top byte of an fp16. fp8 e4m3 (no infinities; torch's float8_e4m3fn, stored
+ * saturated): its 7 low bits shifted into an fp16's exponent and mantissa give the value times
+ * 2^-8, subnormals included. */
+static inline float e5m2_to_float(uint8_t b) { return half_to_float((uint16_t)(b << 8)); }
+static inline float e4m3_to_float(uint8_t b) {
+    float f = half_to_float((uint16_t)((b & 0x7F) << 7)) * 256.f;
+    return b & 0x80 ? -f : f;
+}
+#define KV_T uint8_t
+#define FN(name) name##_e5m2
+#define LD1(p) e5m2_to_float(*(p))
+#if defined(__F16C__) && defined(__AVX2__)
+#define LD8(p) _mm256_cvtph_ps(_mm_slli_epi16(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(p))), 8))
+#elif defined(__AVX2__)
+#define LD8(p) load8_e5m2(p)
+static inline __m256 load8_e5m2(const uint8_t *p) {
+    float f[8];
+    for (int i = 0; i < 8; i++) f[i] = e5m2_to_float(p[i]);
+    return _mm256_loadu_ps(f);
+}
+#endif
+#include "cpu_attn_body.h"
+#undef KV_T
+#undef FN
+#undef LD1
+#undef LD8
+#define KV_T uint8_t
+#define FN(name) name##_e4m3
+#define LD1(p) e4m3_to_float(*(p))
+#if defined(__F16C__) && defined(__AVX2__)
+static inline __m256 load8_e4m3(const uint8_t *p) {
+    __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p));
+    __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7F)), 7),
+                             _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8));
+    return _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.f));
+}
+#elif defined(__AVX2__)
+static inline __m256 load8_e4m3(const uint8_t *p) {
+    float f[8];
+    for (int i = 0; i < 8; i++) f[i] = e4m3_to_float(p[i]);
+    return _mm256_loadu_ps(f);
+}
+#endif
+#define LD8(p) load8_e4m3(p)
+#include "cpu_attn_body.h"
+#undef KV_T
+#undef FN
+#undef LD1
+#undef LD8
+
 typedef void (*rf_task)(void *arg, int t, int n);
 void rf_parallel(rf_task fn, void *arg, int n);  /* cpu_pool.c */
 
 typedef struct {
     const float *q;
     const void *k_buf, *v_buf;
-    int kv_dtype;  /* 0 fp32, 1 fp16, 2 bf16 */
+    int kv_dtype;  /* 0 fp32, 1 fp16, 2 bf16, 3 fp8 e4m3, 4 fp8 e5m2 */
     const int32_t *req_to_token;
     int64_t r2t_stride;
     const int64_t *rows, *seq_lens;
@@ -155,25 +208,30 @@ static void attn_part(void *p, int t, int n) {
         if (D % 8 == 0) {
             if (a->kv_dtype == 1) attend_one_avx2_f16(qb, a->k_buf, a->v_buf, slots, n, Hkv, hk, G, D, a->scale, ob);
             else if (a->kv_dtype == 2) attend_one_avx2_bf16(qb, a->k_buf, a->v_buf, slots, n, Hkv, hk, G, D, a->scale, ob);
+            else if (a->kv_dtype == 3) attend_one_avx2_e4m3(qb, a->k_buf, a->v_buf, slots, n, Hkv, hk, G, D, a->scale, ob);
+            else if (a->kv_dtype == 4) attend_one_avx2_e5m2(qb, a->k_buf, a->v_buf, slots, n, Hkv, hk, G, D, a->scale, ob);
             else attend_one_avx2_f32(qb, a->k_buf, a->v_buf, slots, n, Hkv, hk, G, D, a->scale, ob);
             continue;
         }
 #endif
         if (a->kv_dtype == 1) attend_one_f16(qb, a->k_buf, a->v_buf, slots, n, Hkv, hk, G, D, a->scale, ob);
         else if (a->kv_dtype == 2) attend_one_bf16(qb, a->k_buf, a->v_buf, slots, n, Hkv, hk, G, D, a->scale, ob);
+        else if (a->kv_dtype == 3) attend_one_e4m3(qb, a->k_buf, a->v_buf, slots, n, Hkv, hk, G, D, a->scale, ob);
+        else if (a->kv_dtype == 4) attend_one_e5m2(qb, a->k_buf, a->v_buf, slots, n, Hkv, hk, G, D, a->scale, ob);
         else attend_one_f32(qb, a->k_buf, a->v_buf, slots, n, Hkv, hk, G, D, a->scale, ob);
     }
 }
 
 /* Returns 0, or -1 if the shapes exceed the kernel's fixed limits (the caller falls back).
- * k_buf / v_buf hold fp32 (kv_dtype 0), fp16 (1) or bf16 (2) elements; q and out are fp32.
+ * k_buf / v_buf hold fp32 (kv_dtype 0), fp16 (1), bf16 (2), fp8 e4m3 (3) or fp8 e5m2 (4)
+ * elements; q and out are fp32.
  * (request, kv head) items are shared among `threads` threads (cpu_pool.c). */
 int decode_attention_f32(const float *q, const void *k_buf, const void *v_buf,
                          const int32_t *req_to_token, int64_t r2t_stride, const int64_t *rows,
                          const int64_t *seq_lens, int B, int H, int Hkv, int D, float scale,
                          float *out, int threads, int kv_dtype) {
     int G = H / Hkv;
-    if (G > MAX_G || D > MAX_D || G * Hkv != H || kv_dtype < 0 || kv_dtype > 2) return -1;
+    if (G > MAX_G || D > MAX_D || G * Hkv != H || kv_dtype < 0 || kv_dtype > 4) return -1;
     attn_args a = {q, k_buf, v_buf, kv_dtype, req_to_token, r2t_stride, rows, seq_lens, B, H, Hkv, D, G, scale,
                    out, 0};
     int items = B * Hkv;

@@ -126,8 +126,8 @@ def decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
                      scale: float, threads: int | None = None) -> torch.Tensor:
     """q (B, Hq, D) fp32 -> (B, Hq, D) fp32: request b attends to pool rows
     req_to_token[rows[b], :seq_lens[b]] (seq_lens >= 1); query head h reads kv head h // (Hq // Hkv).
-    k/v_buffer (slots, Hkv, D) contiguous CPU, both fp32, fp16 or bf16 (read in place, math in
-    fp32); req_to_token int32 contiguous; rows, seq_lens int64. `threads`: default
+    k/v_buffer (slots, Hkv, D) contiguous CPU, both fp32, fp16, bf16, float8_e4m3fn or float8_e5m2
+    (read in place, math in fp32); req_to_token int32 contiguous; rows, seq_lens int64. `threads`: default
     torch.get_num_threads(). Raises ValueError on anything else."""
     lib = _load()
     if lib is None:
@@ -138,7 +138,7 @@ def decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
     for name, t in (("k_buffer", k_buffer), ("v_buffer", v_buffer)):
         if (kv_dtype is None or t.dtype != k_buffer.dtype or t.device.type != "cpu" or not t.is_contiguous()
                 or t.shape[1:] != (Hkv, D)):
-            raise ValueError(f"{name} must be a contiguous fp32, fp16 or bf16 CPU tensor (slots, {Hkv}, {D}) "
+            raise ValueError(f"{name} must be a contiguous fp32, fp16, bf16 or fp8 CPU tensor (slots, {Hkv}, {D}) "
                              f"like k_buffer, got {t.dtype} {tuple(t.shape)}")
     if req_to_token.dtype != torch.int32 or not req_to_token.is_contiguous():
         raise ValueError("req_to_token must be a contiguous int32 tensor")
@@ -157,7 +157,7 @@ def decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
     return out
 
 
-_KV_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_KV_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float8_e4m3fn: 3, torch.float8_e5m2: 4}
 
 
 def _check_rows(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:

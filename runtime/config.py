@@ -12,7 +12,7 @@ from radixflow.grammars.selection import GRAMMAR_BACKENDS
 
 GEMM_BACKENDS = ("auto", "torch", "openblas", "packed")
 QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4")
-KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2")
 SCHEDULE_POLICIES = ("lpm", "dfs-weight", "fcfs")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -51,7 +51,8 @@ class EngineConfig:
     # CPU weights: auto (a GGUF-converted model runs on its own 4/8-bit blocks, others fp32) | none (fp32)
     # | gguf | int8 | int4 (weight-only, per group of 32, quantized at load); see runtime/model/quant_linear.py
     quantization: str = "auto"
-    kv_cache_dtype: str = "auto"  # auto = float16 on CPU, the model dtype on CUDA | float32 | float16 | bfloat16
+    # auto = float16 on CPU, the model dtype on CUDA | float32 | float16 | bfloat16 | fp8_e4m3 | fp8_e5m2
+    kv_cache_dtype: str = "auto"
     random_seed: int = 0
     stream_interval: int = 1
     # An idle in-process Engine that starts receiving requests waits for each next one while they

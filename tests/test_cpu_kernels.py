@@ -43,11 +43,11 @@ def test_decode_kernel_matches_reference(hq, hkv, d, scattered):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2])
 @pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (10, 2, 40), (6, 3, 36)])
 def test_decode_kernel_reads_half_precision_pools(hq, hkv, d, dtype):
-    """An fp16 / bf16 pool is read in place and computed in fp32: the fp32 reference on the same
-    (rounded) values, on the vectorized path and the portable one (d = 36)."""
+    """An fp16 / bf16 / fp8 pool is read in place and computed in fp32: the fp32 reference on the
+    same (rounded) values, on the vectorized path and the portable one (d = 36)."""
     lens = [1, 65, 200]
     k, v, r2t, rows, sl = _world(hkv, d, lens, True)
     k, v = k.to(dtype), v.to(dtype)
@@ -56,6 +56,23 @@ def test_decode_kernel_reads_half_precision_pools(hq, hkv, d, dtype):
     got = cpu_ext.decode_attention(q, k, v, r2t, rows, sl, d ** -0.5)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("d", [8, 4])  # vectorized, portable
+def test_decode_kernel_reads_every_fp8_code_exactly(dtype, d):
+    """One key per request: the output is that key's V row, so every finite fp8 code (subnormals
+    and signs included) must come out as torch converts it."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype)
+    codes = codes[codes.float().isfinite()]
+    rows_n = (codes.numel() + d - 1) // d
+    vals = torch.zeros(rows_n * d, dtype=dtype)
+    vals[:codes.numel()] = codes
+    v = torch.cat([torch.zeros(1, d, dtype=dtype), vals.view(rows_n, d)]).view(-1, 1, d)
+    r2t = torch.arange(1, rows_n + 1, dtype=torch.int32).view(rows_n, 1)
+    got = cpu_ext.decode_attention(torch.randn(rows_n, 1, d), v.clone(), v, r2t, torch.arange(rows_n),
+                                   torch.ones(rows_n, dtype=torch.int64), 1.0)
+    assert torch.equal(got.view(-1)[:codes.numel()], codes.float())
 
 
 def test_decode_kernel_large_scores_do_not_overflow():

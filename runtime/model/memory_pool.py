@@ -105,5 +105,8 @@ class KVPool:
         # index_copy_, not `buf[loc] = k`: index_put_ wakes the whole thread pool for a few rows,
         # which costs ~20x the copy itself when the pool sleeps between ops (OMP_WAIT_POLICY=PASSIVE).
         loc = loc.to(torch.int64)
-        self.k_buffer[layer_id].index_copy_(0, loc, k.to(self.dtype))
-        self.v_buffer[layer_id].index_copy_(0, loc, v.to(self.dtype))
+        for buf, x in ((self.k_buffer[layer_id], k), (self.v_buffer[layer_id], v)):
+            x = x.to(self.dtype)
+            if buf.element_size() == 1:  # fp8: torch has no index_copy_ for it; the bytes are the same
+                buf, x = buf.view(torch.uint8), x.view(torch.uint8)
+            buf.index_copy_(0, loc, x)

@@ -171,7 +171,8 @@ class ModelRunner:
         return logits, (hidden if batch.return_all_logits else None)
 
 
-_KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+              "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}  # fp8: saturating casts, no scale
 
 
 def _kv_dtype(name: str, device: torch.device, dtype: torch.dtype) -> torch.dtype:

@@ -78,7 +78,7 @@ _HELP = {
     "quantization": "CPU weights: auto (a model converted from a GGUF runs on its own 4/8-bit blocks, others "
                     "fp32) | none (fp32) | gguf | int8 | int4 (weight-only, per group of 32, quantized at load)",
     "kv_cache_dtype": "KV cache element type: auto (float16 on CPU, the model dtype on CUDA) | float32 | float16 "
-                      "| bfloat16",
+                      "| bfloat16 | fp8_e4m3 | fp8_e5m2 (a quarter of float32, saturating casts without scales)",
 }
 _API_KEY_ENV = "RADIXFLOW_API_KEY"
 

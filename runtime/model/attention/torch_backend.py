@@ -79,8 +79,9 @@ class TorchAttnBackend(AttentionBackend):
         super().__init__(kv_pool, req_to_token_pool)
         self.min_shared_prefix = min_shared_prefix
         self._ws: dict[str, torch.Tensor] = {}
-        if use_cpu_kernel is None:  # an fp32 / fp16 / bf16 pool on CPU and a C compiler at hand
-            use_cpu_kernel = (kv_pool.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        if use_cpu_kernel is None:  # an fp32 / fp16 / bf16 / fp8 pool on CPU and a C compiler at hand
+            use_cpu_kernel = (kv_pool.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn,
+                                                torch.float8_e5m2)
                               and kv_pool.k_buffer[0].device.type == "cpu")
             if use_cpu_kernel:
                 from radixflow.kernels import cpu_ext
