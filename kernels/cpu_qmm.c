@@ -84,29 +84,63 @@ static inline float half_to_float(uint16_t h) {
 }
 
 /* ---- activation quantization ------------------------------------------------------------- */
-static void quantize_rows(const float *x, int64_t ldx, int64_t M, int64_t K, int8_t *xh, int8_t *xl, float *xd,
-                          float *xs) {
-    int64_t nb = K / QK;
-    for (int64_t i = 0; i < M; i++) {
+typedef struct {
+    const float *x;
+    int64_t ldx, M, K;
+    int8_t *xh, *xl;
+    float *xd, *xs;
+} qx_args;
+
+/* One block of 32: dx = amax / QMAX, q = rint(x / dx) (the CPU's round-to-nearest-even, as
+ * rintf), split into h and l; returns sum(q). */
+static inline int quantize_block(const float *v, int8_t *h, int8_t *l, float *dx_out) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+    float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    float dx = amax / QMAX, id = amax > 0 ? 1.f / dx : 0.f;
+    const __m512i hi = _mm512_set1_epi32(32639), lo = _mm512_set1_epi32(-32639);
+    __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(id)));
+    __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(id)));
+    q0 = _mm512_max_epi32(_mm512_min_epi32(q0, hi), lo);
+    q1 = _mm512_max_epi32(_mm512_min_epi32(q1, hi), lo);
+    __m512i l0 = _mm512_srai_epi32(_mm512_slli_epi32(q0, 24), 24), l1 = _mm512_srai_epi32(_mm512_slli_epi32(q1, 24), 24);
+    _mm_storeu_si128((__m128i *)l, _mm512_cvtepi32_epi8(l0));
+    _mm_storeu_si128((__m128i *)(l + 16), _mm512_cvtepi32_epi8(l1));
+    _mm_storeu_si128((__m128i *)h, _mm512_cvtepi32_epi8(_mm512_srai_epi32(_mm512_sub_epi32(q0, l0), 8)));
+    _mm_storeu_si128((__m128i *)(h + 16), _mm512_cvtepi32_epi8(_mm512_srai_epi32(_mm512_sub_epi32(q1, l1), 8)));
+    *dx_out = dx;
+    return _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+#else
+    float amax = 0.f;
+    for (int j = 0; j < QK; j++) {
+        float a = v[j] < 0 ? -v[j] : v[j];
+        amax = a > amax ? a : amax;
+    }
+    float dx = amax / QMAX, id = amax > 0 ? 1.f / dx : 0.f;
+    int sum = 0;
+    for (int j = 0; j < QK; j++) {
+        int q = (int)__builtin_rintf(v[j] * id);
+        q = q > 32639 ? 32639 : q < -32639 ? -32639 : q; /* rounding of amax * (1 / dx) */
+        int8_t lo = (int8_t)(uint8_t)(q & 0xFF);
+        l[j] = lo;
+        h[j] = (int8_t)((q - lo) >> 8);
+        sum += q;
+    }
+    *dx_out = dx;
+    return sum;
+#endif
+}
+
+static void quantize_part(void *p, int t, int T) {
+    const qx_args *a = p;
+    int64_t nb = a->K / QK;
+    for (int64_t i = a->M * t / T; i < a->M * (t + 1) / T; i++) {
         for (int64_t b = 0; b < nb; b++) {
-            const float *v = x + i * ldx + b * QK;
-            float amax = 0.f;
-            for (int j = 0; j < QK; j++) {
-                float a = v[j] < 0 ? -v[j] : v[j];
-                amax = a > amax ? a : amax;
-            }
-            float dx = amax / QMAX, id = amax > 0 ? 1.f / dx : 0.f;
-            int sum = 0;
-            for (int j = 0; j < QK; j++) {
-                int q = (int)__builtin_rintf(v[j] * id);
-                q = q > 32639 ? 32639 : q < -32639 ? -32639 : q; /* rounding of amax * (1 / dx) */
-                int8_t lo = (int8_t)(uint8_t)(q & 0xFF);
-                xl[i * K + b * QK + j] = lo;
-                xh[i * K + b * QK + j] = (int8_t)((q - lo) >> 8);
-                sum += q;
-            }
-            xd[i * nb + b] = dx;
-            xs[i * nb + b] = dx * (float)sum;
+            float dx;
+            int sum = quantize_block(a->x + i * a->ldx + b * QK, a->xh + i * a->K + b * QK, a->xl + i * a->K + b * QK,
+                                     &dx);
+            a->xd[i * nb + b] = dx;
+            a->xs[i * nb + b] = dx * (float)sum;
         }
     }
 }
@@ -417,7 +451,9 @@ int QM_FN(qm_linear)(int kind, const float *x, int64_t ldx, int64_t M, const uin
             free(xf);
             return -1;
         }
-        quantize_rows(x, ldx, M, K, xb, xb + M * K, xf, xf + M * a.nb);
+        qx_args qa = {x, ldx, M, K, xb, xb + M * K, xf, xf + M * a.nb};
+        int TQ = M < 16 || !par ? 1 : threads;  /* rows split among the threads when there are many */
+        if (TQ > 1) par(quantize_part, &qa, TQ); else quantize_part(&qa, 0, 1);
         a.xh = xb;
         a.xl = xb + M * K;
         a.xd = xf;
