@@ -32,6 +32,8 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu_qtile.h"
+
 #define QK 32
 #define QMAX 32639.f /* activations: 16 bits per block of 32, as 256 h + l with h, l in [-128, 127] */
 #define NR 16        /* rows per group */
@@ -62,24 +64,7 @@ static inline float half_to_float(uint16_t h) {
 #if defined(__F16C__)
     return _cvtsh_ss(h);
 #else
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
-    if (exp == 0x1F) {
-        bits = sign | 0x7F800000u | (man << 13);
-    } else if (exp) {
-        bits = sign | ((exp + 112) << 23) | (man << 13);
-    } else if (man) { /* subnormal: normalize */
-        int e = -1;
-        do {
-            man <<= 1;
-            e++;
-        } while (!(man & 0x400));
-        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3FF) << 13);
-    } else {
-        bits = sign;
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
+    return qt_half_to_float(h);
 #endif
 }
 
@@ -262,14 +247,8 @@ static void int_group(const qm_args *a, int64_t g, int64_t r, const int R, float
                 int32_t s = 0;
                 for (int j = 0; j < 8; j++) {
                     for (int e = 0; e < 4; e++) {
-                        int k = b * QK + 4 * j + e, q;
-                        if (a->kind == 4) {
-                            uint8_t byte = tile[64 * (j & 3) + 4 * n + e];
-                            q = j < 4 ? byte & 0x0F : byte >> 4;
-                        } else {
-                            q = (int8_t)tile[64 * j + 4 * n + e];
-                        }
-                        s += q * (256 * h[k] + l[k]);
+                        int k = b * QK + 4 * j + e;
+                        s += qt_quant(a->kind, tile, j, n, e) * (256 * h[k] + l[k]);
                     }
                 }
                 int64_t sc = (g * nb + b) * NR + n;
@@ -338,16 +317,7 @@ static void dequant_panel(const qm_args *a, int64_t g, float *panel) {
         for (int j = 0; j < 8; j++) {
             for (int e = 0; e < 4; e++) {
                 float *row = dst + (4 * j + e) * NR;
-                for (int n = 0; n < NR; n++) {
-                    int q;
-                    if (a->kind == 4) {
-                        uint8_t byte = tile[64 * (j & 3) + 4 * n + e];
-                        q = j < 4 ? byte & 0x0F : byte >> 4;
-                    } else {
-                        q = (int8_t)tile[64 * j + 4 * n + e];
-                    }
-                    row[n] = dv[n] * (float)q + mv[n];
-                }
+                for (int n = 0; n < NR; n++) row[n] = dv[n] * (float)qt_quant(a->kind, tile, j, n, e) + mv[n];
             }
         }
 #endif

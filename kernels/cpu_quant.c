@@ -8,7 +8,8 @@
  * (dpbusd dot products, 512-bit fp32 tiles).
  */
 #include <stdint.h>
-#include <string.h>
+
+#include "cpu_qtile.h"
 
 typedef void (*rf_task)(void *arg, int t, int n);
 typedef void (*rf_par)(rf_task fn, void *arg, int n);
@@ -69,27 +70,6 @@ int qm_linear(int kind, const float *x, int64_t ldx, int64_t M, const uint8_t *q
     return fn(kind, x, ldx, M, qs, d, m, bias, N, K, y, ldy, int_max_m, pool, threads);
 }
 
-static float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
-    if (exp == 0x1F) {
-        bits = sign | 0x7F800000u | (man << 13);
-    } else if (exp) {
-        bits = sign | ((exp + 112) << 23) | (man << 13);
-    } else if (man) { /* subnormal: normalize */
-        int e = -1;
-        do {
-            man <<= 1;
-            e++;
-        } while (!(man & 0x400));
-        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3FF) << 13);
-    } else {
-        bits = sign;
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
 /* out[i] (K floats) = row ids[i] of the weight dequantized (layout of cpu_qmm.c: groups of 16
  * rows, one tile per block; d and m fp16). */
 void qm_dequant_rows(int kind, const uint8_t *qs, const uint16_t *d, const uint16_t *m, int64_t K,
@@ -100,19 +80,10 @@ void qm_dequant_rows(int kind, const uint8_t *qs, const uint16_t *d, const uint1
         float *o = out + i * K;
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *tile = qs + (g * nb + b) * tb;
-            float dv = half_to_float(d[(g * nb + b) * 16 + r]), mv = m ? half_to_float(m[(g * nb + b) * 16 + r]) : 0.f;
-            for (int j = 0; j < 8; j++) {
-                for (int e = 0; e < 4; e++) {
-                    int q;
-                    if (kind == 4) {
-                        uint8_t byte = tile[64 * (j & 3) + 4 * r + e];
-                        q = j < 4 ? byte & 0x0F : byte >> 4;
-                    } else {
-                        q = (int8_t)tile[64 * j + 4 * r + e];
-                    }
-                    o[b * 32 + 4 * j + e] = dv * (float)q + mv;
-                }
-            }
+            float dv = qt_half_to_float(d[(g * nb + b) * 16 + r]);
+            float mv = m ? qt_half_to_float(m[(g * nb + b) * 16 + r]) : 0.f;
+            for (int j = 0; j < 8; j++)
+                for (int e = 0; e < 4; e++) o[b * 32 + 4 * j + e] = dv * (float)qt_quant(kind, tile, j, r, e) + mv;
         }
     }
 }

@@ -46,7 +46,7 @@ QK = 32  # weights per block
 INT_MAX_M = 8  # rows below this use the integer path; from this many on, the fp32 panel path
 LEVELS = ("portable", "avx2", "avx512")
 _DIR = Path(__file__).parent
-_QMM, _DISPATCH = _DIR / "cpu_qmm.c", _DIR / "cpu_quant.c"
+_QMM, _DISPATCH, _HEADER = _DIR / "cpu_qmm.c", _DIR / "cpu_quant.c", _DIR / "cpu_qtile.h"
 _BASE = ["-O3", "-fPIC", "-fno-math-errno", "-ffp-contract=fast", "-fopenmp-simd", "-std=gnu11"]
 _ISA_FLAGS = {"avx2": ["-mavx2", "-mfma", "-mf16c"],
               "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
@@ -94,7 +94,7 @@ def _load() -> ctypes.CDLL | None:
         if os.environ.get("RADIXFLOW_DISABLE_CPU_EXT") == "1":
             return None
         # No CPU flags in the key: the library is the same for every CPU of an architecture.
-        src = _QMM.read_bytes() + _DISPATCH.read_bytes() + platform.machine().encode() + _VERSION
+        src = _QMM.read_bytes() + _DISPATCH.read_bytes() + _HEADER.read_bytes() + platform.machine().encode() + _VERSION
         path = cache_dir() / "ext" / f"cpu_quant-{hashlib.sha256(src).hexdigest()[:16]}.so"
         try:
             if not path.exists():
