@@ -21,6 +21,7 @@ any, radixflow runs alone. Optional: never a test dependency.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -29,7 +30,7 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import radixflow  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads; torch is imported in main)
 
@@ -93,6 +94,10 @@ def radixflow_rows(args: argparse.Namespace, ids_for: Callable[[int], list[int]]
         eng.flush_cache()
         t128 = timed(lambda: eng.generate(input_ids=ids_for(16), sampling_params={**g, "max_new_tokens": 129}))
         rows["decode 128 @ batch 1"] = 128 / (t128 - t1)
+        with fused_decode_switch(False):  # the same without the fused decode step, for comparison
+            eng.flush_cache()
+            t128 = timed(lambda: eng.generate(input_ids=ids_for(16), sampling_params={**g, "max_new_tokens": 129}))
+        rows["  same, layers unfused"] = 128 / (t128 - t1)
         prompts = [ids_for(64)[:60] + [100 + i] * 4 for i in range(16)]
         eng.flush_cache()
         rows["16 concurrent"] = 16 * 128 / timed(lambda: eng.generate(
@@ -102,7 +107,7 @@ def radixflow_rows(args: argparse.Namespace, ids_for: Callable[[int], list[int]]
         rows["fan-out 16 x 32"] = 16 * 32 / timed(lambda: eng.generate(
             input_ids=[prefix + [200 + i] for i in range(16)], sampling_params={**g, "max_new_tokens": 32}))
         mem["after runs"] = rss_mb()
-        split = step_split(eng)
+        split = {"Python layers": step_split(eng, False), "fused": step_split(eng, True)}
     finally:
         eng.shutdown()
     pool = runner.kv_pool
@@ -112,12 +117,33 @@ def radixflow_rows(args: argparse.Namespace, ids_for: Callable[[int], list[int]]
     return rows, info
 
 
-def step_split(eng) -> dict[str, float]:
-    """ms per decode step at batch 1 in matmuls (linear layers and LM head), attention, and the rest."""
-    from radixflow.runtime.model import llama
+@contextlib.contextmanager
+def fused_decode_switch(on: bool) -> Iterator[None]:
+    """RADIXFLOW_FUSED_DECODE set to on / off inside the block (runtime/model/fused_decode.py reads it
+    at every step), restored after."""
+    name, saved = "RADIXFLOW_FUSED_DECODE", os.environ.get("RADIXFLOW_FUSED_DECODE")
+    os.environ[name] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = saved
+
+
+def step_split(eng, fused: bool) -> dict[str, float]:
+    """ms per decode step at batch 1 in matmuls (linear layers and LM head), attention, and the rest,
+    with the fused decode step (runtime/model/fused_decode.py) on or off: the Python path's calls are
+    timed by wrapping them, the fused step's by its own nanosecond counters."""
+    from radixflow.runtime.model import fused_decode, llama
 
     acc = {"matmuls": 0.0, "attention": 0.0}
     runner = eng.scheduler.runner
+    step = fused_decode.state(runner.model, runner.attn_backend).step if fused else None
+    if step is not None:
+        step.timing = True
+        ns0 = (step.matmul_ns, step.attention_ns)
 
     def wrap(obj, name: str, key: str):
         orig = getattr(obj, name)
@@ -146,11 +172,17 @@ def step_split(eng) -> dict[str, float]:
             fwd["steps"] += 1
     runner.forward = counted
     try:
-        eng.generate(input_ids=[5, 6, 7], sampling_params={"temperature": 0, "ignore_eos": True, "max_new_tokens": 65})
+        with fused_decode_switch(fused):
+            eng.generate(input_ids=[5, 6, 7], sampling_params={"temperature": 0, "ignore_eos": True,
+                                                               "max_new_tokens": 65})
     finally:
         for obj, name, orig in saved:
             setattr(obj, name, orig)
         del runner.forward
+    if step is not None:
+        step.timing = False
+        acc["matmuls"] += (step.matmul_ns - ns0[0]) / 1e9
+        acc["attention"] += (step.attention_ns - ns0[1]) / 1e9
     steps = max(fwd["steps"], 1)
     out = {k: 1e3 * v / steps for k, v in acc.items()}
     out["other"] = 1e3 * fwd["total"] / steps - out["matmuls"] - out["attention"]
@@ -190,11 +222,12 @@ def llama_cpp_python_rows(args: argparse.Namespace, ids_for: Callable[[int], lis
 
 
 def llama_bench_rows(args: argparse.Namespace) -> dict[str, float]:
-    out = subprocess.run([args.llama_bench, "-m", args.gguf, "-t", str(args.threads), "-p", "512", "-n", "128",
+    prompts = "512" if args.skip_8k else "512,8000"
+    out = subprocess.run([args.llama_bench, "-m", args.gguf, "-t", str(args.threads), "-p", prompts, "-n", "128",
                           "-o", "json"], capture_output=True, text=True, check=True).stdout
     rows = {}
     for r in json.loads(out):
-        key = "prefill 512" if r.get("n_prompt") else "decode 128 @ batch 1"
+        key = f"prefill {r['n_prompt']}" if r.get("n_prompt") else "decode 128 @ batch 1"
         rows[key] = float(r["avg_ts"])
     return rows
 
@@ -288,10 +321,11 @@ def main() -> int:
             theirs = peers[n].get(key)
             line += f"{theirs:>20.1f}{val / theirs:>7.2f}x" if theirs else f"{'-':>20}{'':>8}"
         print(line)
-    split = info["split"]
-    total = sum(split.values())
-    print(f"\ndecode step at batch 1: {total:.2f} ms = " +
-          ", ".join(f"{k} {v:.2f} ms ({100 * v / total:.0f}%)" for k, v in split.items()))
+    print()
+    for how, split in info["split"].items():
+        total = sum(split.values())
+        print(f"decode step at batch 1 ({how}): {total:.2f} ms = " +
+              ", ".join(f"{k} {v:.2f} ms ({100 * v / total:.0f}%)" for k, v in split.items()))
     print("memory (MB, this process: scheduler + tokenizer in one): " +
           ", ".join(f"{k} {v:.0f}" for k, v in info["mem"].items()) +
           (f"; llama-server resident {server_mem:.0f}" if server_mem else ""))

@@ -11,12 +11,16 @@
       OpenBLAS at the 1-64 rows of decoding, on par at prefill sizes.
   rope_(x, positions, cos_cache, sin_cache) -> x;  silu_mul(x) -> silu(x[:, :I]) * x[:, I:]
       the decoder layer's elementwise steps, one pass each (source: cpu_elementwise.c).
+  decode_step_f32: every decoder layer of a quantized decode step in one call (cpu_decode_step.c;
+      its wrapper is kernels/cpu_decode_step.py).
 
-The library is built once per version of the sources and CPU (-O3 -march=native, about a second)
-into the radixflow cache folder. The kernels split their work on their own thread pool (cpu_pool.c:
-workers that spin between the calls of a forward pass instead of OpenMP's sleep and wake-up), with
-torch.get_num_threads() threads. Without a compiler, or with RADIXFLOW_DISABLE_CPU_EXT=1,
-`available()` is False and callers keep their PyTorch path. Reference: reference.decode_attention_ref.
+The library is built once per version of the sources and instruction set (-O3, with -mavx2 -mfma
+-mf16c on x86-64 CPUs that have them, never -march=native: a build is shared by every CPU with the
+same flags; about a second) into the radixflow cache folder. The kernels split their work on their
+own thread pool (cpu_pool.c: workers that spin between the calls of a forward pass instead of
+OpenMP's sleep and wake-up), with torch.get_num_threads() threads. Without a compiler, or with
+RADIXFLOW_DISABLE_CPU_EXT=1, `available()` is False and callers keep their PyTorch path.
+Reference: reference.decode_attention_ref.
 """
 
 from __future__ import annotations
@@ -39,23 +43,37 @@ from radixflow.paths import cache_dir
 logger = logging.getLogger(__name__)
 
 _SRCS = [Path(__file__).with_name(n) for n in ("cpu_decode_attention.c", "cpu_rmsnorm.c", "cpu_gemm.c",
-                                                "cpu_elementwise.c", "cpu_pool.c")]
+                                                "cpu_elementwise.c", "cpu_pool.c", "cpu_decode_step.c")]
 # Included by the sources; part of the build's hash.
 _HEADERS = [Path(__file__).with_name(n) for n in ("cpu_math.h", "cpu_attn_body.h")]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
-_FLAGS_VERSION = b"3"  # bump when the compiler flags change
+_FLAGS_VERSION = b"4"  # bump when the compiler flags change
+
+
+_AVX2 = ("avx2", "fma", "f16c")  # what the kernels' vector paths use (#if __AVX2__ && __FMA__, __F16C__)
+
+
+def _isa_flags() -> list[str]:
+    """Instruction-set flags for this CPU: -mavx2 -mfma -mf16c on an x86-64 that has all three,
+    none elsewhere. Never -march=native: the kernels need nothing beyond AVX2, and a native build
+    on an AVX-512 machine emits AVX-512 code (for the auto-vectorized loops) that fails on AVX2
+    CPUs and that valgrind cannot run."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("flags")), "")
+            flags = set(line.split(":", 1)[-1].split())
+    except OSError:
+        pass
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return [f"-m{f}" for f in _AVX2] if x86 and flags.issuperset(_AVX2) else []
 
 
 def _cpu_key() -> str:
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
-    return f"{platform.machine()}|{flags}"
+    """The build's key: the architecture and the ISA flags (every AVX2 machine shares one build)."""
+    return f"{platform.machine()}|{' '.join(_isa_flags())}"
 
 
 def _build(out: Path) -> None:
@@ -66,7 +84,7 @@ def _build(out: Path) -> None:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_so = Path(tmp) / out.name
         # Reassociation lets the dot products vectorize; no -ffast-math (the kernel relies on -inf).
-        cmd = [cc, "-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
+        cmd = [cc, "-O3", *_isa_flags(), "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
                "-fno-trapping-math", "-shared", "-fPIC", *map(str, _SRCS), "-o", str(tmp_so), "-lm", "-pthread"]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if res.returncode != 0:
@@ -105,6 +123,10 @@ def _load() -> ctypes.CDLL | None:
         lib.rope_f32.restype = i32
         lib.silu_mul_f32.argtypes = [p, i64, i64, i64, p, i32]
         lib.silu_mul_f32.restype = None
+        # (model, x, residual, M, pos, out_loc, r2t, r2t_stride, r2t_rows, rows, seq_lens, int_max_m,
+        #  threads, attn_threads, timers): kernels/cpu_decode_step.py
+        lib.decode_step_f32.argtypes = [p, p, p, i64, p, p, p, i64, i64, p, p, i32, i32, i32, p]
+        lib.decode_step_f32.restype = i32
         _lib = lib
         return lib
 
@@ -112,6 +134,12 @@ def _load() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the compiled kernels can be used (builds them on the first call)."""
     return _load() is not None
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded library (building it on the first call), or None when it is not available:
+    for wrappers of its functions in other modules (kernels/cpu_decode_step.py)."""
+    return _load()
 
 
 def parallel_fn_address() -> int | None:

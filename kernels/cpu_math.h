@@ -17,4 +17,31 @@ static inline float exp_neg(float x) {
     return p * scale.f * keep;
 }
 
+/* fp32 -> IEEE fp16 bits, rounded to nearest even as torch's .to(torch.float16) (F. Giesen's
+ * float_to_half_fast3_rtne): overflow to inf, subnormals through one fp32 add, NaN kept quiet. */
+static inline uint16_t float_to_half(float f) {
+    union { float f; uint32_t u; } v = {f}, magic = {.u = 126u << 23};  /* 0.5: aligns subnormals */
+    uint32_t sign = v.u & 0x80000000u;
+    v.u ^= sign;
+    uint16_t o;
+    if (v.u >= (127u + 16) << 23) {                 /* >= 65536: inf or NaN */
+        o = v.u > 0x7F800000u ? 0x7E00 : 0x7C00;
+    } else if (v.u < 113u << 23) {                  /* below 2^-14: subnormal or zero */
+        v.f += magic.f;
+        o = (uint16_t)(v.u - magic.u);
+    } else {
+        uint32_t odd = (v.u >> 13) & 1;
+        v.u += ((uint32_t)(15 - 127) << 23) + 0xFFF + odd;
+        o = (uint16_t)(v.u >> 13);
+    }
+    return (uint16_t)(o | (sign >> 16));
+}
+
+/* fp32 -> bf16 bits, rounded to nearest even as torch does (NaN -> 0x7FC0). */
+static inline uint16_t float_to_bf16(float f) {
+    union { float f; uint32_t u; } v = {f};
+    if ((v.u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1)) >> 16);
+}
+
 #endif

@@ -1,12 +1,13 @@
 """Quantized CPU matmuls and embeddings on weights kept in 4- or 8-bit blocks of 32 (C kernels).
 
-  QuantWeight                     an (N, K) weight as packed quants + per-block fp32 scales d, mins m
+  QuantWeight                     an (N, K) weight as packed quants + per-block fp16 scales d, mins m
   pack(kind, q, d, m)             build one from per-element quants (GGUF blocks, see loading/gguf_quant.py)
   quantize(w, "int8" | "int4")    weight-only quantization of an fp32/bf16/fp16 weight, per group of 32
   dequantize(qw) -> (N, K) fp32   the exact values the kernels multiply by (PyTorch)
   linear(x, qw, bias) -> x @ W^T  the quantized matmul (cpu_qmm.c): integer block dot products on
-                                  int16-quantized activations for M < INT_MAX_M rows, else an fp32
-                                  tile on panels of W dequantized on the fly (no fp32 copy kept)
+                                  16-bit-quantized activations (M < INT_MAX_M rows: always, by
+                                  default), else an fp32 tile on panels of W dequantized on the fly
+                                  (no fp32 copy kept)
   embedding(qw, ids) -> rows      rows of W dequantized on lookup
 
 Value of element (n, k), block b = k // 32: d[n, b] * q[n, k] + m[n, b] with fp16 d and m; kind 4
@@ -43,7 +44,11 @@ from radixflow.paths import cache_dir
 logger = logging.getLogger(__name__)
 
 QK = 32  # weights per block
-INT_MAX_M = 8  # rows below this use the integer path; from this many on, the fp32 panel path
+# Rows below this use the integer path, from this many on the fp32 panel path. Every row count
+# takes the integer path: single-threaded it costs 1.2-3.4x less CPU time than the panel path at
+# every M from 1 to 1,024 (AVX-512 VNNI), and a 512-token prefill runs 1.15-1.25x faster. The panel
+# path stays for int_max_m=0: exact fp32 arithmetic on W's values.
+INT_MAX_M = 1 << 30
 LEVELS = ("portable", "avx2", "avx512")
 _DIR = Path(__file__).parent
 _QMM, _DISPATCH, _HEADER = _DIR / "cpu_qmm.c", _DIR / "cpu_quant.c", _DIR / "cpu_qtile.h"

@@ -40,10 +40,11 @@ def _weight(kind: int, N: int, K: int, seed: int, mins: bool) -> cq.QuantBlocks:
 
 
 @pytest.mark.parametrize("kind", [4, 8])
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7])
-@pytest.mark.parametrize("K", [32, 96, 128])  # odd and even block counts (kind 4 pairs blocks)
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7, 17, 40])  # 17 and more: quantized on the pool's threads
+@pytest.mark.parametrize("K", [32, 96, 128])
 def test_integer_path_matches_reference(level, kind, M, K):
-    """Few rows: activations quantized per block, exact integer dot products (to fp32 rounding)."""
+    """The default path: activations quantized per block, exact integer dot products (to fp32
+    rounding)."""
     blocks = _weight(kind, 37, K, seed=M * 7 + K, mins=kind == 4 or M % 2 == 0)
     qw = blocks.pack()
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
@@ -61,11 +62,11 @@ def test_integer_path_matches_reference(level, kind, M, K):
 @pytest.mark.parametrize("kind", [4, 8])
 @pytest.mark.parametrize("M", [8, 9, 17, 40])
 def test_fp32_path_equals_dequantized_matmul(level, kind, M):
-    """More rows: fp32 tiles over panels of W dequantized on the fly; N = 37 leaves a partial panel."""
+    """int_max_m <= M: fp32 tiles over panels of W dequantized on the fly; N = 37 leaves a partial panel."""
     blocks = _weight(kind, 37, 96, seed=M, mins=True)
     qw = blocks.pack()
     x = torch.randn(M, 96)
-    torch.testing.assert_close(cq.linear(x, qw), F.linear(x, cq.dequantize(qw)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(cq.linear(x, qw, int_max_m=0), F.linear(x, cq.dequantize(qw)), rtol=1e-5, atol=1e-4)
 
 
 def test_levels_agree_and_strided_rows_are_read_in_place():
@@ -123,7 +124,7 @@ def test_gguf_blocks_keep_the_exact_values(qtype):
     want = torch.from_numpy(dequantize(raw, qtype, (16, 96)))
     assert torch.equal(cq.dequantize(qw), want)
     x = torch.randn(12, 96)
-    torch.testing.assert_close(cq.linear(x, qw), F.linear(x, want), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cq.linear(x, qw, int_max_m=0), F.linear(x, want), rtol=1e-5, atol=1e-5)
 
 
 def test_concat_promotes_four_bit_shards_exactly():

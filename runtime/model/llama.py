@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from radixflow.kernels import cpu_ext, cpu_quant
+from radixflow.runtime.model import fused_decode
 from radixflow.runtime.model.attention.base import AttentionBackend
 from radixflow.runtime.model.cpu_gemm import numpy_view_t, openblas_linear
 from radixflow.runtime.model.forward_batch import ForwardBatch
@@ -244,8 +245,12 @@ class LlamaForCausalLM(nn.Module):
             x, residual = cpu_quant.embedding(self._embed_qw, batch.input_ids), None
         else:
             x, residual = self.embed_tokens(batch.input_ids), None
-        for layer in self.layers:
-            x, residual = layer(x, residual, batch, self.rope, backend)
+        fused = fused_decode.run_layers(self, batch, backend, x)  # all layers in one C call, when it applies
+        if fused is not None:
+            x, residual = fused
+        else:
+            for layer in self.layers:
+                x, residual = layer(x, residual, batch, self.rope, backend)
         return self.norm(x, residual)[0]
 
     @torch.inference_mode()
@@ -264,6 +269,7 @@ class LlamaForCausalLM(nn.Module):
     _embed_wt = None  # numpy view of the tied embedding's transpose, on the OpenBLAS path
     _embed_packed = None  # the tied embedding packed for cpu_ext.linear_packed, on the packed path
     _embed_qw: cpu_quant.QuantWeight | None = None  # the quantized embedding (and tied LM head)
+    _fused_decode = None  # fused_decode.FusedDecode: the fused CPU decode step's state, built on first use
 
     def set_gemm_backend(self, name: str) -> None:
         """'packed': every linear (and the tied lm_head) runs on cpu_ext's packed-weight kernel

@@ -89,6 +89,10 @@ class TorchAttnBackend(AttentionBackend):
         # Decode on the compiled kernel: K/V read in place, no gathered copy (kernels/cpu_ext.py).
         self.use_cpu_kernel = use_cpu_kernel
         self.kernel_threads = kernel_threads  # None: torch.get_num_threads()
+        # DECODE batches of fewer rows are planned on their first attention call, not in
+        # init_forward_metadata: set by runtime/model/fused_decode.py, whose fused step reads no plan
+        # (a cascade plan of a few rows sharing a prefix costs ~0.5 ms a step).
+        self.lazy_decode_rows = 0
 
     def _workspace(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
                    device: torch.device) -> torch.Tensor:
@@ -137,7 +141,8 @@ class TorchAttnBackend(AttentionBackend):
         r2t = self.req_to_token_pool.req_to_token
         rows = batch.req_pool_indices
         if batch.mode is ForwardMode.DECODE:
-            batch.attn_metadata = self._plan_decode(rows, batch.seq_lens, batch.seq_lens_cpu)
+            lazy = batch.batch_size < self.lazy_decode_rows
+            batch.attn_metadata = None if lazy else self._plan_decode(rows, batch.seq_lens, batch.seq_lens_cpu)
             return
         n_ext = batch.batch_size - batch.num_decode
         sdpa, k_pos, k_rows, k_lens, start = [], [], [], [], 0
@@ -264,6 +269,8 @@ class TorchAttnBackend(AttentionBackend):
 
     def forward_decode(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch,
                        scale: float) -> torch.Tensor:
+        if batch.attn_metadata is None:  # deferred (lazy_decode_rows): planned on the first layer
+            batch.attn_metadata = self._plan_decode(batch.req_pool_indices, batch.seq_lens, batch.seq_lens_cpu)
         return self._decode(q, layer_id, batch.attn_metadata, scale)
 
     def _decode(self, q: torch.Tensor, layer_id: int, meta: _DecodeMeta, scale: float) -> torch.Tensor:
