@@ -11,8 +11,10 @@ resident set after loading and after the runs, and the KV pool's size.
 llama.cpp comes from `llama-cpp-python` when installed (in-process, one sequence: concurrent
 requests and branches run one after another, reusing the cached prefix as it does), and/or from
 binaries given by path: `--llama-bench` (prefill / decode rows) and `--llama-server` (started
-with 16 slots for the concurrent and fan-out rows, its resident memory read from /proc). Without
-any, radixflow runs alone. Optional: never a test dependency.
+with 16 slots; decode at batch 1, the concurrent and fan-out rows over HTTP, its resident memory
+read from /proc). With `--llama-server`, `radixflow serve` runs the same three over HTTP too, and
+those ratios compare the two servers. Without any, radixflow runs alone (in-process Engine).
+Optional: never a test dependency.
 
     python benchmarks/cpu_peers.py [--gguf PATH] [--threads 2] [--quantization auto|none]
         [--kv-cache-dtype auto|float32] [--llama-bench PATH] [--llama-server PATH] [--skip-8k]
@@ -27,6 +29,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -232,25 +235,45 @@ def llama_bench_rows(args: argparse.Namespace) -> dict[str, float]:
     return rows
 
 
-def llama_server_rows(args: argparse.Namespace, ids_for: Callable[[int], list[int]]) -> tuple[dict, float]:
-    port = 18000 + os.getpid() % 1000
-    proc = subprocess.Popen([args.llama_server, "-m", args.gguf, "-t", str(args.threads), "-np", "16",
-                             "-c", str(16 * 1024), "--port", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+def _wait_healthy(url: str, proc: subprocess.Popen) -> None:
+    for _ in range(900):
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if urllib.request.urlopen(f"{url}/health", timeout=1).status == 200:
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} did not become healthy")
+
+
+def _tree_rss_mb(pid: int) -> tuple[float, dict[int, float]]:
+    """Resident MB of a process and all its descendants, and per process."""
+    seen, todo = {}, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            seen[p] = rss_mb(p)
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except OSError:
+            continue
+    return sum(seen.values()), seen
+
+
+def server_rows(cmd: list[str], url: str, body: Callable[[list[int], int], tuple[str, dict]],
+                ids_for: Callable[[int], list[int]]) -> tuple[dict, dict]:
+    """Start a server, then over HTTP: decode of 128 tokens at batch 1, 16 concurrent requests and
+    the fan-out. Returns the rows and the server's resident memory (MB) after them."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(600):
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=1).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
+        _wait_healthy(url, proc)
 
         def post(tokens: list[int], n: int) -> None:
-            body = json.dumps({"prompt": tokens, "n_predict": n, "temperature": 0, "cache_prompt": True,
-                               "ignore_eos": True}).encode()
-            urllib.request.urlopen(urllib.request.Request(f"{url}/completion", body,
-                                                          {"Content-Type": "application/json"}), timeout=600).read()
+            path, payload = body(tokens, n)
+            urllib.request.urlopen(urllib.request.Request(f"{url}{path}", json.dumps(payload).encode(),
+                                                          {"Content-Type": "application/json"}), timeout=900).read()
 
         def together(jobs: list[tuple[list[int], int]]) -> float:
             threads = [threading.Thread(target=post, args=j) for j in jobs]
@@ -262,14 +285,41 @@ def llama_server_rows(args: argparse.Namespace, ids_for: Callable[[int], list[in
             return time.perf_counter() - t
 
         post(ids_for(8), 4)
+        t1 = timed(lambda: post(ids_for(16)[:15] + [7], 1))
+        rows = {"decode 128 @ batch 1": 128 / (timed(lambda: post(ids_for(16)[:15] + [9], 129)) - t1)}
         prompts = [ids_for(64)[:60] + [100 + i] * 4 for i in range(16)]
-        rows = {"16 concurrent": 16 * 128 / together([(p, 128) for p in prompts])}
+        rows["16 concurrent"] = 16 * 128 / together([(p, 128) for p in prompts])
         prefix = ids_for(600)
         rows["fan-out 16 x 32"] = 16 * 32 / together([(prefix + [200 + i], 32) for i in range(16)])
-        return rows, rss_mb(proc.pid)
+        total, each = _tree_rss_mb(proc.pid)
+        return rows, {"all processes": total, "largest process": max(each.values())}
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.wait(timeout=60)
+
+
+def llama_server_rows(args: argparse.Namespace, ids_for: Callable[[int], list[int]]) -> tuple[dict, dict]:
+    port = 18000 + os.getpid() % 1000
+    cmd = [args.llama_server, "-m", args.gguf, "-t", str(args.threads), "-np", "16", "-c", str(16 * 1024),
+           "--port", str(port)]
+
+    def body(tokens: list[int], n: int) -> tuple[str, dict]:
+        return "/completion", {"prompt": tokens, "n_predict": n, "temperature": 0, "cache_prompt": True,
+                               "ignore_eos": True}
+    return server_rows(cmd, f"http://127.0.0.1:{port}", body, ids_for)
+
+
+def radixflow_server_rows(args: argparse.Namespace, ids_for: Callable[[int], list[int]]) -> tuple[dict, dict]:
+    """`radixflow serve` on the same GGUF, through HTTP as llama-server is measured."""
+    port = 19000 + os.getpid() % 1000
+    cmd = [sys.executable, "-m", "radixflow.runtime.server.cli", "serve", "--model", args.gguf, "--port", str(port),
+           "--quantization", args.quantization, "--kv-cache-dtype", args.kv_cache_dtype,
+           "--max-running-requests", "16", "--num-threads", str(args.threads)]
+
+    def body(tokens: list[int], n: int) -> tuple[str, dict]:
+        return "/generate", {"input_ids": tokens, "sampling_params": {"temperature": 0, "max_new_tokens": n,
+                                                                      "ignore_eos": True}}
+    return server_rows(cmd, f"http://127.0.0.1:{port}", body, ids_for)
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -303,32 +353,38 @@ def main() -> int:
     print(f"torch {torch.__version__}, {args.threads} threads; radixflow quantized kernels: "
           f"{cpu_quant.supported_level() if cpu_quant.available() else 'unavailable'}")
     ours, info = radixflow_rows(args, ids_for)
+    served, mem = radixflow_server_rows(args, ids_for) if args.llama_server else ({}, {})
     peers: dict[str, dict[str, float]] = {}
-    server_mem = None
     lcp = llama_cpp_python_rows(args, ids_for)
     if lcp is not None:
         peers["llama-cpp-python"] = lcp
     if args.llama_bench:
         peers["llama-bench"] = llama_bench_rows(args)
     if args.llama_server:
-        peers["llama-server"], server_mem = llama_server_rows(args, ids_for)
+        peers["llama-server"], mem["llama-server"] = llama_server_rows(args, ids_for)
     print(f"\nradixflow: weights {info['quantization']}, KV {info['kv']} ({info['slots']} slots); gguf {args.gguf}")
+    print("ratios: llama-server's rows against `radixflow serve` (both over HTTP), the others against the Engine")
     names = list(peers)
-    print(f"{'workload':<24}{'radixflow tok/s':>17}" + "".join(f"{n:>20}{'ratio':>8}" for n in names))
+    print(f"{'workload':<24}{'Engine tok/s':>14}{'serve tok/s':>13}" + "".join(f"{n:>18}{'ratio':>8}" for n in names))
     for key, val in ours.items():
-        line = f"{key:<24}{val:>17.1f}"
+        mine = served.get(key)
+        line = f"{key:<24}{val:>14.1f}" + (f"{mine:>13.1f}" if mine else f"{'-':>13}")
         for n in names:
             theirs = peers[n].get(key)
-            line += f"{theirs:>20.1f}{val / theirs:>7.2f}x" if theirs else f"{'-':>20}{'':>8}"
+            base = mine if n == "llama-server" and mine else val
+            line += f"{theirs:>18.1f}{base / theirs:>7.2f}x" if theirs else f"{'-':>18}{'':>8}"
         print(line)
     print()
     for how, split in info["split"].items():
         total = sum(split.values())
         print(f"decode step at batch 1 ({how}): {total:.2f} ms = " +
               ", ".join(f"{k} {v:.2f} ms ({100 * v / total:.0f}%)" for k, v in split.items()))
-    print("memory (MB, this process: scheduler + tokenizer in one): " +
-          ", ".join(f"{k} {v:.0f}" for k, v in info["mem"].items()) +
-          (f"; llama-server resident {server_mem:.0f}" if server_mem else ""))
+    print("memory (MB, the Engine's process: scheduler + tokenizer in one): " +
+          ", ".join(f"{k} {v:.0f}" for k, v in info["mem"].items()))
+    if mem:
+        print("memory after the server runs (MB resident): radixflow serve " +
+              ", ".join(f"{k} {v:.0f}" for k, v in mem.items() if k != "llama-server") +
+              "; llama-server " + ", ".join(f"{k} {v:.0f}" for k, v in mem["llama-server"].items()))
     print(cpu_line())
     return 0
 
