@@ -89,6 +89,7 @@ def test_nan_logits_row(engine, monkeypatch):
 
     def install(bad):
         poisoned.bad = bad
+        monkeypatch.setattr(sampler_mod, "_needs_adjusting", lambda r: True)  # plain requests skip the stage
         monkeypatch.setattr(sampler_mod, "apply_penalties", poisoned)
     _check_isolated(engine, monkeypatch, install, "sampling", error="ValueError: no finite logit")
 
@@ -97,6 +98,7 @@ def test_logit_penalty_fault(engine, monkeypatch):
     real = sampler_mod.mask_stops_before_min
 
     def install(bad):
+        monkeypatch.setattr(sampler_mod, "_needs_adjusting", lambda r: True)  # plain requests skip the stage
         monkeypatch.setattr(sampler_mod, "mask_stops_before_min",
                             lambda lg, reqs: _boom() if _has(reqs, bad) else real(lg, reqs))
     _check_isolated(engine, monkeypatch, install, "logit penalties")
