@@ -46,7 +46,10 @@ class GrammarMatcher(abc.ABC):
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> bool:
         """Write the allowed next tokens into ``bitmask[row]`` (every bit of the row is written).
 
-        Returns False when every token is allowed (the row needs no masking).
+        Returns whether the row must be applied: False only if every token is allowed (applying
+        it would change nothing); a backend may return True for such a row too. A dead end (no
+        token allowed) either raises or returns True with an all-zero row, which leaves no finite
+        logit, so the sampler fails the request: it is never sampled unconstrained.
         """
 
     @abc.abstractmethod
@@ -207,7 +210,8 @@ class GrammarBackend(abc.ABC):
         return torch.full((batch_size, (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
 
     @staticmethod
-    def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | list[int] | None = None
+                      ) -> None:
         """Set ``logits[r, j] = -inf`` wherever bit ``j`` of ``bitmask[r]`` is 0, in place.
 
         ``rows`` (int indices into both tensors) limits the rows touched; None means all rows.
@@ -233,7 +237,8 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return bits.flatten(-2)[..., :vocab_size].bool()
 
 
-def apply_bitmask_torch(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+def apply_bitmask_torch(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | list[int] | None = None
+                        ) -> None:
     """Reference/fallback for :meth:`GrammarBackend.apply_bitmask` (any device, any float dtype)."""
     assert logits.dim() == 2 and bitmask.dim() == 2, (logits.shape, bitmask.shape)
     assert bitmask.device == logits.device, (bitmask.device, logits.device)

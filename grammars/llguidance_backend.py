@@ -21,7 +21,6 @@ import json
 from typing import Any
 
 import llguidance
-import llguidance.torch as llg_torch
 import torch
 from llguidance import LLMatcher
 from llguidance.gbnf_to_lark import any_to_lark
@@ -139,23 +138,28 @@ class LLGuidanceMatcher(GrammarMatcher):
     def accept_token(self, token_id: int) -> bool:
         if self._terminated:
             return False
-        if token_id in self._stop_ids and self._m.is_stopped():
+        is_stop = token_id in self._stop_ids
+        if is_stop and self._m.is_stopped():
             self._steps.append(0)  # llguidance does not count a stop token once it has stopped
             self._terminated = True
             return True
-        if token_id in self._stop_ids and not self._m.is_accepting():
+        if is_stop and not self._m.is_accepting():
             return False
         if self._m.try_consume_tokens([token_id]) != 1:  # a rejected token leaves the state as it was
             return False
         self._steps.append(1)
-        self._terminated = token_id in self._stop_ids
+        self._terminated = is_stop
         return True
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> bool:
-        llg_torch.fill_next_token_bitmask(self._m, bitmask, row)
+        """See :meth:`GrammarMatcher.fill_bitmask`; always True (see :func:`_dead_end_or_error`)."""
+        base, row_bytes, rows = _mask_address(bitmask)
+        if not 0 <= row < rows:
+            raise ValueError(f"bitmask row {row} out of range for {rows} rows")
+        self._m.unsafe_compute_mask_ptr(base + row * row_bytes, row_bytes)
         if self._m.is_error():
-            raise RuntimeError(f"llguidance: {self._m.get_error()}")
-        return bool((bitmask[row] != -1).any())
+            raise _dead_end_or_error(self._m)
+        return True
 
     def is_terminated(self) -> bool:
         return self._terminated
@@ -229,14 +233,48 @@ class LLGuidanceBackend(GrammarBackend):
         return LLGuidanceMatcher(compiled.deep_copy(), self.tokenizer, self._stop_ids)
 
     def fill_bitmasks(self, items: list[tuple[GrammarMatcher, int]], bitmask: torch.Tensor) -> tuple[list[int], dict]:
-        """As :meth:`GrammarBackend.fill_bitmasks`, all rows in one ``LLExecutor`` call."""
-        if not all(isinstance(m, LLGuidanceMatcher) and not m.is_terminated() for m, _ in items):
-            return super().fill_bitmasks(items, bitmask)
-        llg_torch.fill_next_token_bitmask_par(self._executor, [(m._m, row) for m, row in items], bitmask)
+        """As :meth:`GrammarBackend.fill_bitmasks`: the mask is checked once, one row is filled on
+        this thread, more in one ``LLExecutor`` call (its threads). Every row filled without error
+        needs the mask (see :func:`_dead_end_or_error`). Raises ValueError for a bad mask or row."""
+        base, row_bytes, rows = _mask_address(bitmask)
+        if len(items) == 1:  # the common decode case; a hand-off to the executor's threads costs more
+            (matcher, row), = items
+            if not 0 <= row < rows:
+                raise ValueError(f"bitmask row {row} out of range for {rows} rows")
+            m = matcher._m
+            m.unsafe_compute_mask_ptr(base + row * row_bytes, row_bytes)
+            return ([], {row: _dead_end_or_error(m)}) if m.is_error() else ([row], {})
+        if not all(0 <= row < rows for _, row in items):
+            raise ValueError(f"bitmask rows {[row for _, row in items]} out of range for {rows} rows")
+        self._executor.unsafe_compute_mask_ptr([(m._m, row) for m, row in items], base, row_bytes, rows)
         used, failed = [], {}
         for m, row in items:
             if m._m.is_error():
-                failed[row] = RuntimeError(f"llguidance: {m._m.get_error()}")
-            elif (bitmask[row] != -1).any():
+                failed[row] = _dead_end_or_error(m._m)
+            else:
                 used.append(row)
         return used, failed
+
+
+def _mask_address(bitmask: torch.Tensor) -> tuple[int, int, int]:
+    """(address, bytes per row, rows) of ``bitmask`` for llguidance's pointer API, which checks the
+    row size against the vocabulary itself. Raises ValueError for a mask it must not write to."""
+    shape = bitmask.shape  # read once: each tensor attribute costs ~0.1 us, and this runs per token
+    if not (bitmask.dtype is torch.int32 and bitmask.is_cpu and len(shape) == 2 and bitmask.is_contiguous()):
+        raise ValueError(f"bitmask must be a contiguous 2-D int32 CPU tensor, got {bitmask.dtype} "
+                         f"{tuple(shape)} on {bitmask.device}")
+    return bitmask.data_ptr(), shape[1] * 4, shape[0]
+
+
+def _dead_end_or_error(matcher: LLMatcher) -> RuntimeError:
+    """The error of a matcher that llguidance put in its error state while computing a mask.
+
+    This is how a dead end shows: llguidance never returns an empty mask; when no token can
+    continue the text it stops with ``NoExtensionBias`` and the row fails (the request is aborted
+    with this message). So a mask filled without error allows at least one token, and callers
+    need not scan it; it is always applied (a mask that happens to allow every token is a no-op).
+    """
+    first = (matcher.get_error().splitlines() or [str(matcher.stop_reason())])[0]  # the rest is a state dump
+    if first == "NoExtensionBias":
+        return RuntimeError("llguidance: dead end: the grammar allows no next token")
+    return RuntimeError(f"llguidance: {first}")

@@ -303,16 +303,19 @@ class XGrammarBackend(GrammarBackend):
         return XGrammarMatcher(compiled)
 
     @staticmethod
-    def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor,
+                      rows: torch.Tensor | list[int] | None = None) -> None:
         """As :meth:`GrammarBackend.apply_bitmask`; xgrammar's kernel on CPU (fp32/bf16/fp16)
         and on CUDA with Triton installed, the PyTorch implementation elsewhere."""
         assert logits.dim() == 2 and bitmask.dim() == 2, (logits.shape, bitmask.shape)
         assert bitmask.shape[1] * 32 >= logits.shape[1], (bitmask.shape, logits.shape)
         dev = logits.device.type
-        if (dev == "cpu" and logits.dtype in (torch.float32, torch.bfloat16, torch.float16)) or (
+        if logits.stride(1) != 1:  # xgrammar's kernels assume each row is contiguous
+            apply_bitmask_torch(logits, bitmask, rows)
+        elif (dev == "cpu" and logits.dtype in (torch.float32, torch.bfloat16, torch.float16)) or (
             dev == "cuda" and _HAS_TRITON
         ):
-            indices = None if rows is None else torch.as_tensor(rows).tolist()
+            indices = rows if rows is None or isinstance(rows, list) else torch.as_tensor(rows).tolist()
             xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=indices)
         else:
             apply_bitmask_torch(logits, bitmask, rows)

@@ -285,8 +285,11 @@ class Engine:
 
     def _loop(self) -> None:
         sched, burst = self.scheduler, self._burst
+        # While only grammars compile, wait for a message instead of spinning: a compile that
+        # finishes (or times out) sends a no-op Call.
+        sched.set_grammar_wakeup(lambda: self._inbox.put(Call(lambda: None, Future())))
         while True:
-            burst.begin(idle=not sched.has_work())
+            burst.begin(idle=not sched.has_work() or sched.only_compiling())
             try:
                 while (msg := burst.next()) is not None:
                     if isinstance(msg, Stop):

@@ -18,6 +18,7 @@ import torch
 from tokenizers import Tokenizer
 
 from radixflow.grammars import GrammarError, XGrammarBackend
+from radixflow.grammars.base import apply_bitmask_torch
 from radixflow.grammars.llguidance_backend import LLGuidanceBackend, llguidance_support
 from radixflow.grammars.output_check import grammar_report
 from radixflow.grammars.selection import choose_backend, xgrammar_support
@@ -191,6 +192,111 @@ def test_mixed_backend_mask_batch_matches_each_backend(backends):
         own = llg.allocate_bitmask(1)
         m.fill_bitmask(own, 0)
         assert torch.equal(own[0], batch[row])
+
+
+def test_llguidance_mask_fill_matches_its_own_torch_helper(backends, tok_path):
+    """The pointer fill (one row, one row of a batch, a batch through the executor) writes the
+    same mask as llguidance's checked torch helper, at every step of a JSON text."""
+    import llguidance.torch as llg_torch
+
+    llg = backends["llguidance"]
+    compiled = llg.get_compiled(llg.compile_async("json", json.dumps(DEPENDABOT)))
+    m, twin = llg.create_matcher(compiled), llg.create_matcher(compiled)
+    text = '{"version": 2, "updates": [{"package-ecosystem": "pip", "directory": "/"}]}'
+    ref, got = llg.allocate_bitmask(1), llg.allocate_bitmask(3)
+    for t in Tokenizer.from_file(tok_path).encode(text, add_special_tokens=False).ids + [EOS]:
+        llg_torch.fill_next_token_bitmask(m._m, ref, 0)
+        got.fill_(0)
+        assert m.fill_bitmask(got, 2) is True and torch.equal(got[2], ref[0])
+        assert llg.fill_bitmasks([(m, 1)], got) == ([1], {}) and torch.equal(got[1], ref[0])
+        assert llg.fill_bitmasks([(twin, 2), (m, 0)], got) == ([2, 0], {})
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[2], ref[0])
+        assert m.accept_token(t) and twin.accept_token(t)
+    assert m.is_terminated()
+    with pytest.raises(ValueError, match="out of range"):
+        llg.fill_bitmasks([(twin, 3)], got)
+    with pytest.raises(ValueError, match="contiguous 2-D int32 CPU"):
+        twin.fill_bitmask(got.t(), 0)
+
+
+def _manager(tok_dir: str, vocab: int):
+    from radixflow.runtime.config import EngineConfig
+    from radixflow.runtime.scheduler.grammar_manager import GrammarManager
+
+    return GrammarManager(EngineConfig(tokenizer=tok_dir), tok_dir, vocab, [EOS], tokenizer=None)
+
+
+def _req(i: int, manager, backend: str | None, kind: str = "", spec: str = "", prefix: str = ""):
+    from radixflow.runtime.req import Req
+    from radixflow.runtime.sampling_params import SamplingParams
+
+    req = Req(f"r{i}", [1, 2], SamplingParams(temperature=1.0, max_new_tokens=4), seed=i)
+    if backend is not None:
+        b = manager.backend(backend)
+        req.grammar = b.create_matcher(b.get_compiled(b.compile_async(kind, spec)))
+        req.grammar_info = {"backend": backend}
+        assert not prefix or req.grammar.accept_string(prefix)
+    return req
+
+
+def test_mask_hook_masks_rows_in_place_like_each_matcher(tok_path):
+    """The scheduler's hook on a batch mixing both backends and free rows, twice (its bitmask is
+    reused, so the second batch meets stale rows): constrained rows are masked exactly as each
+    matcher's own mask says, free rows are untouched."""
+    manager = _manager(os.path.dirname(tok_path), VOCAB)
+    spec = json.dumps({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]})
+    batches = [[_req(0, manager, None), _req(1, manager, "xgrammar", "json", spec),
+                _req(2, manager, "llguidance", "json", spec, '{"n": '), _req(3, manager, None)],
+               [_req(4, manager, "llguidance", "json", spec), _req(5, manager, None)]]
+    for reqs in batches:
+        logits = torch.randn(len(reqs), VOCAB)
+        want = logits.clone()
+        for i, r in enumerate(reqs):
+            if r.grammar is not None:
+                own = manager.backends[r.grammar_info["backend"]].allocate_bitmask(1)
+                r.grammar.fill_bitmask(own, 0)
+                apply_bitmask_torch(want[i:i + 1], own)
+        assert manager.mask_fn(reqs)(logits) == {}
+        assert torch.equal(logits, want)
+    assert manager.mask_fn([_req(6, manager, None)]) is None
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory) -> tuple[str, int]:
+    """(folder, vocab size) of a byte-level BPE tokenizer without the letter c: a grammar that
+    needs a c reaches a dead end (no token can continue it)."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["ab ba aab {} 12"] * 10, trainer=trainers.BpeTrainer(
+        vocab_size=40, special_tokens=["<s>", "<pad>", "</s>"], initial_alphabet=[]))
+    folder = tmp_path_factory.mktemp("tiny_tokenizer")
+    tok.save(str(folder / "tokenizer.json"))
+    assert tok.token_to_id("</s>") == EOS and tok.token_to_id("c") is None
+    return str(folder), tok.get_vocab_size()
+
+
+@pytest.mark.parametrize("backend", ["xgrammar", "llguidance"])
+def test_dead_end_grammar_fails_the_request_not_sampled_freely(tiny_tokenizer, backend):
+    """A grammar that no token can continue is caught on either backend (llguidance: its own
+    error state; xgrammar: an all-zero row that is still applied), and the sampler fails that
+    row alone; the live constrained row samples the one token its grammar allows."""
+    from radixflow.runtime.model.sampler import Sampler
+
+    folder, vocab = tiny_tokenizer
+    manager = _manager(folder, vocab)
+    b_id = Tokenizer.from_file(os.path.join(folder, "tokenizer.json")).token_to_id("b")
+    reqs = [_req(0, manager, None), _req(1, manager, backend, "regex", "ac", "a"),
+            _req(2, manager, backend, "regex", "ab", "a")]
+    out = Sampler().sample(torch.randn(3, vocab), reqs, manager.mask_fn(reqs))
+    assert out.next_ids[0] is not None and out.next_ids[2] == b_id and list(out.faults) == [1]
+    stage, err = out.faults[1]
+    if backend == "llguidance":
+        assert stage == "grammar mask" and "dead end" in str(err)
+    else:
+        assert stage == "sampling" and "no finite logit" in str(err)
 
 
 def test_output_report_length_cut_and_invalid():

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import concurrent.futures
+import heapq
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -29,10 +31,14 @@ class GrammarManager:
     A constrained request enters via `submit` (backend choice and fast validation; compile
     starts in that backend's thread pool), leaves via `poll` once its matcher exists (or with an
     abort finish_reason when compilation failed or timed out). Backends are created on first use;
-    `config.grammar_backend` picks one, or `auto` chooses per request (grammars/selection.py)."""
+    `config.grammar_backend` picks one, or `auto` chooses per request (grammars/selection.py).
+
+    `wake` (optional) is called, from another thread, whenever a waiting request may have become
+    ready: its backend choice or compile finished, or its deadline passed. A loop with nothing else
+    to do (`only_compiling`) sleeps until then instead of polling."""
 
     def __init__(self, config: EngineConfig, model_path: str, vocab_size: int, stop_ids: list[int],
-                 tokenizer: Tokenizer) -> None:
+                 tokenizer: Tokenizer, wake: Callable[[], None] | None = None) -> None:
         self._tokenizer_json = os.path.join(config.tokenizer or model_path, "tokenizer.json")
         self.mode = config.grammar_backend
         self.compile_timeout = config.grammar_compile_timeout
@@ -44,6 +50,9 @@ class GrammarManager:
         # choosing a backend analyses the schema (seconds for a 2 MB one): not on the scheduler's loop
         self._choices = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar-choice")
         self.jump_forward_tokens = 0  # tokens appended without a decode step
+        self._mask = torch.empty((0, (vocab_size + 31) // 32), dtype=torch.int32)
+        self.wake = wake
+        self._alarm = _Alarm(self._wake)
 
     def backend(self, name: str) -> GrammarBackend:
         """The backend called `name` ("xgrammar" or "llguidance"), created on first use."""
@@ -63,11 +72,25 @@ class GrammarManager:
         kind, spec = req.params.grammar_spec
         req.grammar_future = self._choices.submit(choose_backend, kind, spec, self.mode,
                                                   req.params.json_schema_strict)
-        self.waiting.append((req, None, time.monotonic() + self.compile_timeout))
+        deadline = time.monotonic() + self.compile_timeout
+        self.waiting.append((req, None, deadline))
+        req.grammar_future.add_done_callback(self._wake)
+        if self.wake is not None:
+            self._alarm.add(deadline)
         return None
 
     def pending(self) -> int:
         return len(self.waiting)
+
+    def only_compiling(self) -> bool:
+        """True when every waiting request is still being chosen or compiled before its deadline:
+        `poll` would return nothing until `wake` is called."""
+        now = time.monotonic()
+        return all(not req.grammar_future.done() and now <= deadline for req, _, deadline in self.waiting)
+
+    def _wake(self, *_: object) -> None:
+        if self.wake is not None:
+            self.wake()
 
     def poll(self) -> list[Req]:
         """Requests whose grammar is ready (matcher attached) or failed (finish_reason set: the
@@ -103,6 +126,7 @@ class GrammarManager:
             kind, spec = req.params.grammar_spec
             req.grammar_info = choice.info(kind, spec)
             req.grammar_future = backend.compile_async(kind, spec)
+            req.grammar_future.add_done_callback(self._wake)
         compiled = backend.poll(req.grammar_future, deadline)
         if compiled is None:
             return False, backend
@@ -121,22 +145,29 @@ class GrammarManager:
             return None
 
         def apply(logits: torch.Tensor) -> dict[int, Exception]:
-            mask = torch.full((len(rows), (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+            assert logits.shape[0] == len(reqs), (logits.shape, len(reqs))
+            mask = self._bitmask(len(reqs))  # (B, words): row i is batch row i, so logits are masked in place
             by_backend: dict[str, list[tuple[GrammarMatcher, int]]] = {}
-            for j, i in enumerate(rows):
-                by_backend.setdefault(reqs[i].grammar_info["backend"], []).append((reqs[i].grammar, j))
+            for i in rows:
+                by_backend.setdefault(reqs[i].grammar_info["backend"], []).append((reqs[i].grammar, i))
             used, failed = [], {}
             for name, items in by_backend.items():
                 u, f = self.backends[name].fill_bitmasks(items, mask)
                 used += u
-                failed.update({rows[j]: e for j, e in f.items()})
-            if not used:
-                return failed
-            sub = logits[rows]
-            XGrammarBackend.apply_bitmask(sub, mask.to(logits.device), torch.tensor(sorted(used), device=logits.device))
-            logits[rows] = sub
+                failed.update(f)
+            if used:
+                # no gather/scatter of logit rows: a copy of a (rows, V) slice costs more than the masks
+                only = None if len(used) == len(reqs) else sorted(used)
+                XGrammarBackend.apply_bitmask(logits, mask.to(logits.device), only)
             return failed
         return apply
+
+    def _bitmask(self, batch: int) -> torch.Tensor:
+        """A (batch, words) int32 CPU bitmask, reused across steps. Its rows hold stale masks: only
+        rows a backend has just filled (every bit written) are applied."""
+        if self._mask.shape[0] < batch:
+            self._mask = torch.full((batch, (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+        return self._mask[:batch]
 
     def accept(self, req: Req, token: int) -> None:
         if not req.grammar.accept_token(token):
@@ -182,3 +213,30 @@ class GrammarManager:
         del req.output_ids[len(req.output_ids) - k:]
         req.output_ids.extend(new_ids)
         self.jump_forward_tokens += len(new_ids)
+
+
+class _Alarm:
+    """Calls `fire()` at each time `add`ed (time.monotonic()), from one daemon thread started on
+    the first `add`: deadlines of requests that may have left since only cause a spare wake."""
+
+    def __init__(self, fire: Callable[[], None]) -> None:
+        self._fire = fire
+        self._times: list[float] = []  # a heap
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def add(self, when: float) -> None:
+        with self._cond:
+            heapq.heappush(self._times, when)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="grammar-deadlines", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._times or self._times[0] > time.monotonic():
+                    self._cond.wait(self._times[0] - time.monotonic() if self._times else None)
+                heapq.heappop(self._times)
+            self._fire()

@@ -10,6 +10,7 @@ the offline Engine and fed from ZeroMQ by the server's scheduler process.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -57,6 +58,7 @@ class Scheduler:
         self.reqs: dict[str, Req] = {}
         self.last_was_extend = False
         self.grammar = None  # GrammarManager, created on first constrained request
+        self._grammar_wakeup = None  # see set_grammar_wakeup
         self.stats = {"retractions": 0, "steps": 0, "extend_steps": 0, "decode_steps": 0, "mixed_steps": 0,
                       "prompt_tokens": 0, "computed_prompt_tokens": 0, "cached_tokens": 0,
                       "generated_tokens": 0}
@@ -154,6 +156,20 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.chunked or
                     (self.grammar is not None and self.grammar.pending()))
+
+    def set_grammar_wakeup(self, wake: Callable[[], None]) -> None:
+        """Have `wake()` called, from other threads, whenever a request waiting for its grammar
+        may have become ready (compiled, failed, or past its deadline)."""
+        self._grammar_wakeup = wake
+        if self.grammar is not None:
+            self.grammar.wake = wake
+
+    def only_compiling(self) -> bool:
+        """True when the only work is grammars still compiling and a wakeup is set: a step would
+        only poll them, so the loop may sleep until its wakeup (or a message) instead of spinning."""
+        g = self.grammar
+        return (not (self.waiting or self.running or self.chunked) and g is not None and g.wake is not None
+                and g.pending() > 0 and g.only_compiling())
 
     def step(self) -> list[ReqOutput]:
         """Run one iteration (one EXTEND or one DECODE forward) and return what it produced."""
@@ -359,7 +375,7 @@ class Scheduler:
         if self.grammar is None:
             from radixflow.runtime.scheduler.grammar_manager import GrammarManager
             self.grammar = GrammarManager(self.config, self.runner.model_path, self.runner.vocab_size,
-                                          sorted(self.eos_ids), self.tokenizer)
+                                          sorted(self.eos_ids), self.tokenizer, self._grammar_wakeup)
         return self.grammar
 
     def _grammar_ready(self, req: Req) -> None:

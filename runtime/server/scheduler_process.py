@@ -11,6 +11,7 @@ HTTP process can tell a stalled scheduler from a busy one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -101,9 +102,12 @@ def run_scheduler_process(config: EngineConfig, model_path: str, in_addr: str, o
 
 def _serve(sched: Any, pull: zmq.Socket, push: zmq.Socket, step_log: _StepLogger, parent_pid: int) -> None:
     last_sent = time.monotonic()
+    wakeup = _Wakeup(pull)
+    sched.set_grammar_wakeup(wakeup.set)
     while True:
         busy = sched.has_work()
-        if not pull.poll(0 if busy else _IDLE_POLL_MS) and not busy:
+        # while only grammars compile, sleep until one is done (or a message comes) instead of spinning
+        if not wakeup.wait(0 if busy and not sched.only_compiling() else _IDLE_POLL_MS) and not busy:
             if not parent_alive(parent_pid):
                 return
             continue
@@ -135,6 +139,33 @@ def _serve(sched: Any, pull: zmq.Socket, push: zmq.Socket, step_log: _StepLogger
             push.send_pyobj(out)
             last_sent = now
         step_log.maybe_log(sched)
+
+
+class _Wakeup:
+    """Waits for a message on `pull` or a `set()` from another thread (a pipe the poll watches)."""
+
+    def __init__(self, pull: zmq.Socket) -> None:
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self._poller = zmq.Poller()
+        self._poller.register(pull, zmq.POLLIN)
+        self._poller.register(self._r, zmq.POLLIN)
+
+    def set(self) -> None:
+        try:
+            os.write(self._w, b"\0")
+        except BlockingIOError:  # the pipe is full: a wakeup is pending anyway
+            pass
+
+    def wait(self, timeout_ms: int) -> bool:
+        """Whether a message or a wakeup came within `timeout_ms` (the wakeups are consumed)."""
+        events = dict(self._poller.poll(timeout_ms))
+        if self._r in events:
+            with contextlib.suppress(BlockingIOError):  # read until the pipe is empty
+                while os.read(self._r, 4096):
+                    pass
+        return bool(events)
 
 
 def _handle(sched: Any, item: Any, out: list[Any]) -> None:
