@@ -46,7 +46,7 @@ class EngineConfig:
     grammar_backend: str = "auto"
     disable_jump_forward: bool = False
     disable_mixed_batch: bool = False  # True: prefill steps and decode steps alternate, never share a forward
-    num_threads: int | None = None  # torch CPU threads; None = leave as is
+    num_threads: int | None = None  # torch CPU threads; None = leave as is (tp_size > 1: the cores / ranks per node)
     cpu_gemm: str = "auto"  # fp32 CPU matmuls: auto | torch | openblas | packed (see runtime/cpu_gemm.py)
     # CPU weights: auto (a GGUF-converted model runs on its own 4/8-bit blocks, others fp32) | none (fp32)
     # | gguf | int8 | int4 (weight-only, per group of 32, quantized at load); see runtime/model/quant_linear.py
@@ -59,6 +59,15 @@ class EngineConfig:
     # keep coming less than this apart (and less than a tenth of a step; 50 such gaps in all),
     # so a burst from many threads starts as one batch. 0 turns it off.
     arrival_gap_ms: float = 10.0
+    # Tensor parallelism (runtime/model/parallel/): the model split over tp_size ranks, one process
+    # each (gloo on CPU, NCCL on GPUs), nnodes machines; a node with node_rank > 0 runs only its
+    # ranks. dist_init_addr HOST:PORT: where the ranks meet (needed with nnodes > 1; default: a free
+    # local port). dist_timeout: seconds any wait on another rank may take before it fails.
+    tp_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = None
+    dist_timeout: float = 300.0
 
     def __post_init__(self) -> None:
         if self.schedule_policy not in SCHEDULE_POLICIES:
@@ -88,6 +97,26 @@ class EngineConfig:
             raise ValueError(f"arrival_gap_ms must be >= 0, got {self.arrival_gap_ms}")
         if self.stream_interval < 1:
             raise ValueError("stream_interval must be >= 1")
+        self._check_parallel()
+
+    def _check_parallel(self) -> None:
+        for name in ("tp_size", "nnodes", "node_rank"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if self.tp_size < 1:
+            raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
+        if self.nnodes < 1 or self.tp_size % self.nnodes:
+            raise ValueError(f"nnodes must be >= 1 and divide tp_size {self.tp_size}, got {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, nnodes {self.nnodes}), got {self.node_rank}")
+        if self.nnodes > 1 and self.dist_init_addr is None:
+            raise ValueError("nnodes > 1 needs dist_init_addr HOST:PORT (rank 0's node, reachable from every node)")
+        if self.dist_init_addr is not None:
+            host, _, port = self.dist_init_addr.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"dist_init_addr must be HOST:PORT, got {self.dist_init_addr!r}")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"dist_timeout must be > 0, got {self.dist_timeout}")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:

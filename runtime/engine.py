@@ -162,6 +162,9 @@ class Engine:
         self._closed = True
         self._inbox.put(Stop())
         self._thread.join(timeout=30)
+        close = getattr(self.scheduler.runner, "close", None)
+        if close is not None:  # tensor parallel: stop the other ranks
+            close()
 
     def __enter__(self) -> Engine:
         return self

@@ -61,6 +61,9 @@ class FakeRunner:
         self.kv = torch.full((num_slots + 1,), -1, dtype=torch.int64)  # the token id in each slot
         self.batches: list[tuple[ForwardMode, list[int], int]] = []  # mode, extend lens, num_decode
 
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.compute_logits(hidden)
+
     def forward(self, fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.batches.append((fb.mode, list(fb.extend_lens_cpu), fb.num_decode))
         assert (fb.out_cache_loc >= 1).all(), "slot 0 is the padding slot"

@@ -75,7 +75,7 @@ def _attach(model: LlamaForCausalLM, target: str, parts: dict[int, QuantBlocks])
     if qw.shape != tuple(module.weight.shape):
         raise ValueError(f"{target}: quantized shape {qw.shape}, expected {tuple(module.weight.shape)}")
     module.register_parameter("weight", None)
-    if isinstance(module, Linear):
+    if isinstance(module, Linear) or hasattr(module, "_qw"):  # a tensor-parallel embedding holds its own rows
         module._qw = qw
     else:
         model._embed_qw = qw

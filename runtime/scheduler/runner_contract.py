@@ -15,7 +15,6 @@ class Runner(Protocol):
     """What the scheduler uses of a model runner: `ModelRunner` (model/model_runner.py), or
     any object with the same contract (the unit tests' fake)."""
 
-    model: Any  # .compute_logits(hidden rows (N, hidden)) -> fp32 logits (N, V)
     model_config: Any  # .eos_token_ids
     model_path: str
     allocator: TokenAllocator
@@ -29,4 +28,8 @@ class Runner(Protocol):
     def forward(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(fp32 logits of each request's last new token (B, V), hidden states of every new
         token (T, hidden) if batch.return_all_logits else None)."""
+        ...
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden rows (N, hidden) -> fp32 logits (N, V) (input logprobs)."""
         ...

@@ -357,7 +357,7 @@ class Scheduler:
 
     def _input_logprobs(self, req: Req, hidden: torch.Tensor, start: int) -> None:
         """Logprobs of input tokens predicted by this chunk's rows (positions start..start+n-1)."""
-        input_logprobs(req, hidden, start, self.runner.model.compute_logits)
+        input_logprobs(req, hidden, start, self.runner.compute_logits)
 
     # ---- outputs ----------------------------------------------------------------------------
 

@@ -77,6 +77,12 @@ _HELP = {
                      "(on a loopback --host; elsewhere, if set, only these); * = any",
     "quantization": "CPU weights: auto (a model converted from a GGUF runs on its own 4/8-bit blocks, others "
                     "fp32) | none (fp32) | gguf | int8 | int4 (weight-only, per group of 32, quantized at load)",
+    "tp_size": "tensor parallel: split the model over this many ranks, one process (and GPU) each",
+    "nnodes": "tensor parallel over this many machines (tp-size ranks in all, the same number on each)",
+    "node_rank": "this machine's place among --nnodes (0 serves HTTP; the others run only their ranks)",
+    "dist_init_addr": "HOST:PORT where the ranks meet, on node 0 (needed with --nnodes > 1; default: a free "
+                      "local port)",
+    "dist_timeout": "seconds a rank may wait for another before it fails",
     "kv_cache_dtype": "KV cache element type: auto (float16 on CPU, the model dtype on CUDA) | float32 | float16 "
                       "| bfloat16 | fp8_e4m3 | fp8_e5m2 (a quarter of float32, saturating casts without scales)",
 }
@@ -168,12 +174,17 @@ def main(argv: list[str] | None = None) -> int:
         engine = EngineConfig.from_kwargs(model=ns.model, **_collect(ns, EngineConfig, {"model"}))
         _preflight(engine)
         if ns.command == "serve":
+            if ns.dp_size > 1 and engine.dist_init_addr is not None:  # every replica would meet at one address
+                raise ValueError("--dp-size > 1 runs each replica's tensor-parallel ranks on this machine: "
+                                 "drop --dist-init-addr (and --nnodes)")
             server_kwargs = _collect(ns, ServerArgs, {"engine", "api_key"})
             args = ServerArgs(engine=engine, api_key=_api_key(ns), **server_kwargs)
     except (TypeError, ValueError, OSError) as e:
         print(f"radixflow: error: {e}", file=sys.stderr)
         return 2
     if ns.command == "serve":
+        if engine.node_rank > 0:  # a further node of a multi-node tensor-parallel group: its ranks only
+            return _run_node(engine)
         return launch(args) if ns.dp_size == 1 else run_data_parallel(args, ns.dp_size)
     return _generate(ns, engine)
 
@@ -189,6 +200,12 @@ def _preflight(config: EngineConfig) -> None:
         why = "is a CPU-only build" if torch.version.cuda is None else "sees no GPU"
         raise ValueError(f"--device {config.device}: this torch ({torch.__version__}) {why}; "
                          "use --device cpu, or install a CUDA build of torch on a machine with a GPU")
+    if config.tp_size > 1:  # a model the ranks cannot split: one line now, not a worker's traceback later
+        from radixflow.runtime.loading.default_model import resolve_model_path
+        from radixflow.runtime.model.model_config import ModelConfig
+        from radixflow.runtime.model.parallel.sharding import plan_shards
+
+        plan_shards(ModelConfig.from_folder(resolve_model_path(config.model)), config.tp_size, 0)
     if config.attention_backend == "triton":
         if importlib.util.find_spec("triton") is None:
             raise ValueError("--attention-backend triton: triton is not installed (pip install triton); "
@@ -223,6 +240,14 @@ def launch(args: ServerArgs) -> int:
     from radixflow.runtime.server.serve import launch_server
 
     return launch_server(args)
+
+
+def _run_node(config: EngineConfig) -> int:
+    from radixflow.runtime.loading.default_model import resolve_model_path
+    from radixflow.runtime.model.parallel.group import run_node
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    return run_node(config, resolve_model_path(config.model))
 
 
 def _generate(ns: argparse.Namespace, config: EngineConfig) -> int:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import sys
 import time
 import traceback
 from multiprocessing.connection import Connection
@@ -97,7 +99,14 @@ def run_scheduler_process(config: EngineConfig, model_path: str, in_addr: str, o
         raise
     ready.send(("ready", {**sched.get_info(), "vocab_size": sched.runner.vocab_size}))
     ready.close()
-    _serve(sched, pull, push, _StepLogger(log_interval), parent_pid)
+    if config.tp_size > 1:
+        # SIGTERM (the server stopping) unwinds through `finally`, so the tensor-parallel ranks get a
+        # clean shutdown message (they would die with this process anyway).
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    try:
+        _serve(sched, pull, push, _StepLogger(log_interval), parent_pid)
+    finally:
+        sched.runner.close()
 
 
 def _serve(sched: Any, pull: zmq.Socket, push: zmq.Socket, step_log: _StepLogger, parent_pid: int) -> None:
