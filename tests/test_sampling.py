@@ -204,6 +204,12 @@ def test_a_burst_at_an_idle_engine_starts_as_one_batch(engine):
 
     def prefill_steps(gap_ms: float, spacing: float) -> int:
         engine.arrival_gap_ms = gap_ms  # read each time the scheduler thread wakes
+        # The engine is shared by the whole session: start from idle, with a mean step long enough
+        # that its cap on the gap (a tenth of a step) does not decide the outcome.
+        deadline = time.monotonic() + 30
+        while (info := engine.get_server_info())["num_running"] + info["num_waiting"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        engine._burst.step_s = max(engine._burst.step_s, 1.0)
         before = engine.get_server_info()
         futs = []
         for i in range(4):
