@@ -35,7 +35,12 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 
-import radixflow  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads; torch is imported in main)
+# llama.cpp's binaries run with the environment as it was before radixflow's import, which sets
+# OMP_WAIT_POLICY=PASSIVE for torch: llama.cpp's OpenMP threads would then sleep between its ops
+# (decode at batch 1 measured 2.6x slower that way).
+PEER_ENV = dict(os.environ)
+
+import radixflow  # noqa: E402, F401  (sets OMP_WAIT_POLICY before torch loads; torch is imported in main)
 
 PREFIX_WORDS = ("the quick brown fox jumps over the lazy dog while a small bird sings in the old oak tree "
                 "near the river bank and the wind moves slowly through the tall grass of the field ").split()
@@ -227,7 +232,7 @@ def llama_cpp_python_rows(args: argparse.Namespace, ids_for: Callable[[int], lis
 def llama_bench_rows(args: argparse.Namespace) -> dict[str, float]:
     prompts = "512" if args.skip_8k else "512,8000"
     out = subprocess.run([args.llama_bench, "-m", args.gguf, "-t", str(args.threads), "-p", prompts, "-n", "128",
-                          "-o", "json"], capture_output=True, text=True, check=True).stdout
+                          "-r", "3", "-o", "json"], capture_output=True, text=True, check=True, env=PEER_ENV).stdout
     rows = {}
     for r in json.loads(out):
         key = f"prefill {r['n_prompt']}" if r.get("n_prompt") else "decode 128 @ batch 1"
@@ -263,10 +268,10 @@ def _tree_rss_mb(pid: int) -> tuple[float, dict[int, float]]:
 
 
 def server_rows(cmd: list[str], url: str, body: Callable[[list[int], int], tuple[str, dict]],
-                ids_for: Callable[[int], list[int]]) -> tuple[dict, dict]:
+                ids_for: Callable[[int], list[int]], env: dict | None = None) -> tuple[dict, dict]:
     """Start a server, then over HTTP: decode of 128 tokens at batch 1, 16 concurrent requests and
     the fan-out. Returns the rows and the server's resident memory (MB) after them."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         _wait_healthy(url, proc)
 
@@ -306,7 +311,7 @@ def llama_server_rows(args: argparse.Namespace, ids_for: Callable[[int], list[in
     def body(tokens: list[int], n: int) -> tuple[str, dict]:
         return "/completion", {"prompt": tokens, "n_predict": n, "temperature": 0, "cache_prompt": True,
                                "ignore_eos": True}
-    return server_rows(cmd, f"http://127.0.0.1:{port}", body, ids_for)
+    return server_rows(cmd, f"http://127.0.0.1:{port}", body, ids_for, env=PEER_ENV)
 
 
 def radixflow_server_rows(args: argparse.Namespace, ids_for: Callable[[int], list[int]]) -> tuple[dict, dict]:
