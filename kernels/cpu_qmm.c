@@ -10,8 +10,15 @@
  *   kind 4: 256 bytes = 4 vectors of 64; byte 4n + e of vector v holds, for row n of the group,
  *           q[32b + 4v + e] in its low nibble and q[32b + 4(v + 4) + e] in its high nibble,
  *           q unsigned in [0, 15];        value = d * q + m
+ *   kind 6: 384 bytes: q + 32 in [0, 63] (GGUF Q6_K), its low nibbles as a kind-4 tile, then 2
+ *           vectors of the high 2 bits: byte 4n + e of vector u (0, 1) holds those of weight
+ *           4j + e for j = u in bits 0-1, j = u + 4 in bits 2-3, j = u + 2 in bits 4-5 and
+ *           j = u + 6 in bits 6-7 (one shift and one mask put each at bits 4-5 of its nibble's
+ *           byte);                         value = d_half * q + m_half
  *   kind 8: 512 bytes = 8 vectors of 64; byte 4n + e of vector j = q[32b + 4j + e] as int8.
  *   d, m: fp16, 16 per tile (one per row of the group), at (g * nb + b) * 16 + n. m may be NULL.
+ *   Kind 6 has 32 per tile, one per row and half of the block (weights 0-15 and 16-31, vectors
+ *   0-3 and 4-7), at (g * nb + b) * 32 + 16 half + n (cpu_qtile.h qt_scale_index).
  * Four consecutive weights of one row share an int32 lane, and a vector holds 16 rows: one VNNI
  * vpdpbusd multiplies 4 weights of each of 16 rows by 4 activations broadcast to every lane, and
  * the per-block scales of the 16 rows are one vector load. No horizontal sums, no shuffles.
@@ -20,7 +27,8 @@
  * dx = amax / QMAX, q = rint(x / dx); 8-bit activations as llama.cpp's cost 4% top-1 agreement on
  * a 135M model), split as q = 256 h + l with h, l signed bytes, and the block dot products are
  * integer: qw . q = 256 (qw . h) + (qw . l). The unsigned operand of vpdpbusd is the weight: kind 4
- * quants are unsigned already, kind 8 ones are flipped to q + 128 and corrected by -128 sum(q)).
+ * quants are unsigned already, kind 6 ones are stored as q + 32 and corrected by -32 sum(q) per
+ * half, kind 8 ones are flipped to q + 128 and corrected by -128 sum(q)).
  * y = sum_b d_w dx (qw . qx) + sum_b m_w dx sum(qx). More rows (prefill): every thread dequantizes
  * one group's 16 rows into an fp32 panel (K-major, in cache) and runs an fp32 FMA tile over all
  * rows of x: no fp32 copy of W is ever kept.
@@ -55,10 +63,9 @@ typedef struct {
     const int8_t *xh, *xl; /* int path: (M, K) high and low bytes of the quantized activations */
     const float *xd;       /* (M, nb) dx */
     const float *xs;       /* (M, nb) dx * sum(qx) */
+    const float *xs2;      /* (M, nb, 2) dx * sum(qx) over each half of the block (kind 6) */
     float *panels;         /* fp32 path: one (K, NR) panel per thread */
 } qm_args;
-
-static inline int64_t tile_bytes(int kind) { return kind == 4 ? 256 : 512; }
 
 static inline float half_to_float(uint16_t h) {
 #if defined(__F16C__)
@@ -73,12 +80,12 @@ typedef struct {
     const float *x;
     int64_t ldx, M, K;
     int8_t *xh, *xl;
-    float *xd, *xs;
+    float *xd, *xs, *xs2;
 } qx_args;
 
 /* One block of 32: dx = amax / QMAX, q = rint(x / dx) (the CPU's round-to-nearest-even, as
- * rintf), split into h and l; returns sum(q). */
-static inline int quantize_block(const float *v, int8_t *h, int8_t *l, float *dx_out) {
+ * rintf), split into h and l; sums[0], sums[1]: sum(q) over the halves. */
+static inline void quantize_block(const float *v, int8_t *h, int8_t *l, float *dx_out, int sums[2]) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
     __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
     float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
@@ -94,7 +101,8 @@ static inline int quantize_block(const float *v, int8_t *h, int8_t *l, float *dx
     _mm_storeu_si128((__m128i *)h, _mm512_cvtepi32_epi8(_mm512_srai_epi32(_mm512_sub_epi32(q0, l0), 8)));
     _mm_storeu_si128((__m128i *)(h + 16), _mm512_cvtepi32_epi8(_mm512_srai_epi32(_mm512_sub_epi32(q1, l1), 8)));
     *dx_out = dx;
-    return _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    sums[0] = _mm512_reduce_add_epi32(q0);
+    sums[1] = _mm512_reduce_add_epi32(q1);
 #else
     float amax = 0.f;
     for (int j = 0; j < QK; j++) {
@@ -102,17 +110,16 @@ static inline int quantize_block(const float *v, int8_t *h, int8_t *l, float *dx
         amax = a > amax ? a : amax;
     }
     float dx = amax / QMAX, id = amax > 0 ? 1.f / dx : 0.f;
-    int sum = 0;
+    sums[0] = sums[1] = 0;
     for (int j = 0; j < QK; j++) {
         int q = (int)__builtin_rintf(v[j] * id);
         q = q > 32639 ? 32639 : q < -32639 ? -32639 : q; /* rounding of amax * (1 / dx) */
         int8_t lo = (int8_t)(uint8_t)(q & 0xFF);
         l[j] = lo;
         h[j] = (int8_t)((q - lo) >> 8);
-        sum += q;
+        sums[j >> 4] += q;
     }
     *dx_out = dx;
-    return sum;
 #endif
 }
 
@@ -122,10 +129,13 @@ static void quantize_part(void *p, int t, int T) {
     for (int64_t i = a->M * t / T; i < a->M * (t + 1) / T; i++) {
         for (int64_t b = 0; b < nb; b++) {
             float dx;
-            int sum = quantize_block(a->x + i * a->ldx + b * QK, a->xh + i * a->K + b * QK, a->xl + i * a->K + b * QK,
-                                     &dx);
+            int sums[2];
+            quantize_block(a->x + i * a->ldx + b * QK, a->xh + i * a->K + b * QK, a->xl + i * a->K + b * QK, &dx,
+                           sums);
             a->xd[i * nb + b] = dx;
-            a->xs[i * nb + b] = dx * (float)sum;
+            a->xs[i * nb + b] = dx * (float)(sums[0] + sums[1]);
+            a->xs2[2 * (i * nb + b)] = dx * (float)sums[0];
+            a->xs2[2 * (i * nb + b) + 1] = dx * (float)sums[1];
         }
     }
 }
@@ -133,26 +143,76 @@ static void quantize_part(void *p, int t, int T) {
 /* ---- the integer path: one group of 16 weight rows against R rows of x -------------------- */
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define IR 4 /* rows of x per pass */
+/* The 8 weight vectors of one tile as unsigned bytes (vector j: weights 4j .. 4j + 3 of 16 rows):
+ * kind 4 q, kind 6 q + 32, kind 8 q + 128. */
+static inline __attribute__((always_inline)) void load_tile512(int kind, const uint8_t *tile, __m512i w[8]) {
+    const __m512i lo4 = _mm512_set1_epi8(0x0F), hi2 = _mm512_set1_epi8(0x30);
+    if (kind == 8) {
+        for (int j = 0; j < 8; j++)
+            w[j] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(tile + 64 * j)), _mm512_set1_epi8((char)0x80));
+        return;
+    }
+    for (int v = 0; v < 4; v++) {
+        __m512i raw = _mm512_loadu_si512((const void *)(tile + 64 * v));
+        w[v] = _mm512_and_si512(raw, lo4);
+        w[v + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), lo4);
+    }
+    if (kind == 6) { /* the high 2 bits to bits 4-5 of each byte (16-bit shifts: the mask drops what crosses) */
+        for (int u = 0; u < 2; u++) {
+            __m512i hv = _mm512_loadu_si512((const void *)(tile + 256 + 64 * u));
+            w[u] = _mm512_or_si512(w[u], _mm512_and_si512(_mm512_slli_epi16(hv, 4), hi2));
+            w[u + 4] = _mm512_or_si512(w[u + 4], _mm512_and_si512(_mm512_slli_epi16(hv, 2), hi2));
+            w[u + 2] = _mm512_or_si512(w[u + 2], _mm512_and_si512(hv, hi2));
+            w[u + 6] = _mm512_or_si512(w[u + 6], _mm512_and_si512(_mm512_srli_epi16(hv, 2), hi2));
+        }
+    }
+}
+
+/* Integer dot products of the 16 rows' weights j0 .. j0 + 3 with 16 activations h, l: 256 h + l. */
+static inline __attribute__((always_inline)) __m512 dot_half512(const __m512i w[8], int j0, const int8_t *h,
+                                                                const int8_t *l) {
+    __m512i sh = _mm512_setzero_si512(), sl = _mm512_setzero_si512();
+    for (int j = j0; j < j0 + 4; j++) {
+        int32_t hj, lj;
+        memcpy(&hj, h + 4 * j, 4);
+        memcpy(&lj, l + 4 * j, 4);
+        sh = _mm512_dpbusd_epi32(sh, w[j], _mm512_set1_epi32(hj));
+        sl = _mm512_dpbusd_epi32(sl, w[j], _mm512_set1_epi32(lj));
+    }
+    return _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(sh, 8), sl));
+}
+
 static inline __attribute__((always_inline)) void int_group(const qm_args *a, int64_t g, int64_t r, const int R,
                                                             float *out) {
     __m512 acc[IR];
     for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_ps();
-    const int64_t nb = a->nb, tb = tile_bytes(a->kind);
+    const int kind = a->kind;
+    const int64_t nb = a->nb, tb = qt_tile_bytes(kind), spt = qt_scales_per_tile(kind);
     const uint8_t *tile = a->qs + g * nb * tb;
-    const uint16_t *dg = a->d + g * nb * NR, *mg = a->m ? a->m + g * nb * NR : NULL;
-    const __m512i lo4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x80);
+    const uint16_t *dg = a->d + g * nb * spt, *mg = a->m ? a->m + g * nb * spt : NULL;
     for (int64_t b = 0; b < nb; b++, tile += tb) {
         __m512i w[8];
-        if (a->kind == 4) {
-            for (int v = 0; v < 4; v++) {
-                __m512i raw = _mm512_loadu_si512((const void *)(tile + 64 * v));
-                w[v] = _mm512_and_si512(raw, lo4);
-                w[v + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), lo4);
-            }
-        } else {
-            for (int j = 0; j < 8; j++) w[j] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(tile + 64 * j)), flip);
-        }
+        load_tile512(kind, tile, w);
         _mm_prefetch((const char *)(tile + 4 * tb), _MM_HINT_T0);
+        if (kind == 6) { /* two scales (and mins) per row and block: one per half */
+            __m512 dv0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dg + b * 32)));
+            __m512 dv1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dg + b * 32 + 16)));
+            for (int i = 0; i < R; i++) {
+                const int8_t *h = a->xh + (r + i) * a->K + b * QK, *l = a->xl + (r + i) * a->K + b * QK;
+                __m512 dx = _mm512_set1_ps(a->xd[(r + i) * nb + b]);
+                float xs0 = a->xs2[2 * ((r + i) * nb + b)], xs1 = a->xs2[2 * ((r + i) * nb + b) + 1];
+                /* the weights were stored as q + 32: take 32 sum(qx) of each half back out */
+                __m512 t0 = _mm512_fmadd_ps(dot_half512(w, 0, h, l), dx, _mm512_set1_ps(-32.f * xs0));
+                __m512 t1 = _mm512_fmadd_ps(dot_half512(w, 4, h, l), dx, _mm512_set1_ps(-32.f * xs1));
+                acc[i] = _mm512_fmadd_ps(dv1, t1, _mm512_fmadd_ps(dv0, t0, acc[i]));
+                if (mg) {
+                    __m512 mv0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mg + b * 32)));
+                    __m512 mv1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mg + b * 32 + 16)));
+                    acc[i] = _mm512_fmadd_ps(mv1, _mm512_set1_ps(xs1), _mm512_fmadd_ps(mv0, _mm512_set1_ps(xs0), acc[i]));
+                }
+            }
+            continue;
+        }
         __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dg + b * NR)));
         __m512 mv = mg ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mg + b * NR))) : _mm512_setzero_ps();
         for (int i = 0; i < R; i++) {
@@ -168,8 +228,8 @@ static inline __attribute__((always_inline)) void int_group(const qm_args *a, in
             __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(sh, 8), sl));
             float dx = a->xd[(r + i) * nb + b], xs = a->xs[(r + i) * nb + b];
             /* kind 8: the weights were flipped to q + 128: take 128 sum(qx) back out */
-            __m512 t = a->kind == 4 ? _mm512_mul_ps(dot, _mm512_set1_ps(dx))
-                                    : _mm512_fmadd_ps(dot, _mm512_set1_ps(dx), _mm512_set1_ps(-128.f * xs));
+            __m512 t = kind == 4 ? _mm512_mul_ps(dot, _mm512_set1_ps(dx))
+                                 : _mm512_fmadd_ps(dot, _mm512_set1_ps(dx), _mm512_set1_ps(-128.f * xs));
             acc[i] = _mm512_fmadd_ps(dv, t, acc[i]);
             if (mg) acc[i] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xs), acc[i]);
         }
@@ -187,44 +247,87 @@ static inline __m256i dot4(__m256i w, __m256i x, int is_signed) {
     if (is_signed) return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x)), ones);
     return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
 }
+/* Rows 8 half .. 8 half + 7 of one tile as unsigned bytes (kind 4 q, kind 6 q + 32) or, kind 8,
+ * signed ones (vector j: weights 4j .. 4j + 3). */
+static inline __attribute__((always_inline)) void load_tile256(int kind, const uint8_t *tile, int half,
+                                                               __m256i w[8]) {
+    const __m256i lo4 = _mm256_set1_epi8(0x0F), hi2 = _mm256_set1_epi8(0x30);
+    if (kind == 8) {
+        for (int j = 0; j < 8; j++) w[j] = _mm256_loadu_si256((const __m256i *)(tile + 64 * j + 32 * half));
+        return;
+    }
+    for (int v = 0; v < 4; v++) {
+        __m256i raw = _mm256_loadu_si256((const __m256i *)(tile + 64 * v + 32 * half));
+        w[v] = _mm256_and_si256(raw, lo4);
+        w[v + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), lo4);
+    }
+    if (kind == 6) { /* the high 2 bits to bits 4-5 of each byte (cpu_qmm.c's layout) */
+        for (int u = 0; u < 2; u++) {
+            __m256i hv = _mm256_loadu_si256((const __m256i *)(tile + 256 + 64 * u + 32 * half));
+            w[u] = _mm256_or_si256(w[u], _mm256_and_si256(_mm256_slli_epi16(hv, 4), hi2));
+            w[u + 4] = _mm256_or_si256(w[u + 4], _mm256_and_si256(_mm256_slli_epi16(hv, 2), hi2));
+            w[u + 2] = _mm256_or_si256(w[u + 2], _mm256_and_si256(hv, hi2));
+            w[u + 6] = _mm256_or_si256(w[u + 6], _mm256_and_si256(_mm256_srli_epi16(hv, 2), hi2));
+        }
+    }
+}
+
+/* Integer dot products of 8 rows' weights j0 .. j0 + n - 1 with activations 256 h + l. */
+static inline __attribute__((always_inline)) __m256 dot256(const __m256i w[8], int j0, int n, const int8_t *h,
+                                                           const int8_t *l, int sgn) {
+    __m256i sh = _mm256_setzero_si256(), sl = _mm256_setzero_si256();
+    for (int j = j0; j < j0 + n; j++) {
+        int32_t hj, lj;
+        memcpy(&hj, h + 4 * j, 4);
+        memcpy(&lj, l + 4 * j, 4);
+        sh = _mm256_add_epi32(sh, dot4(w[j], _mm256_set1_epi32(hj), sgn));
+        sl = _mm256_add_epi32(sl, dot4(w[j], _mm256_set1_epi32(lj), sgn));
+    }
+    return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(sh, 8), sl));
+}
+
 static inline __attribute__((always_inline)) void int_group(const qm_args *a, int64_t g, int64_t r, const int R,
                                                             float *out) {
     __m256 acc[IR][2];
     for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-    const int64_t nb = a->nb, tb = tile_bytes(a->kind);
+    const int kind = a->kind;
+    const int64_t nb = a->nb, tb = qt_tile_bytes(kind), spt = qt_scales_per_tile(kind);
     const uint8_t *tile = a->qs + g * nb * tb;
-    const uint16_t *dg = a->d + g * nb * NR, *mg = a->m ? a->m + g * nb * NR : NULL;
-    const __m256i lo4 = _mm256_set1_epi8(0x0F);
-    const int sgn = a->kind == 8;
+    const uint16_t *dg = a->d + g * nb * spt, *mg = a->m ? a->m + g * nb * spt : NULL;
+    const int sgn = kind == 8;
     for (int64_t b = 0; b < nb; b++, tile += tb) {
         for (int half = 0; half < 2; half++) { /* rows 8 half .. 8 half + 7 */
             __m256i w[8];
-            if (a->kind == 4) {
-                for (int v = 0; v < 4; v++) {
-                    __m256i raw = _mm256_loadu_si256((const __m256i *)(tile + 64 * v + 32 * half));
-                    w[v] = _mm256_and_si256(raw, lo4);
-                    w[v + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), lo4);
+            load_tile256(kind, tile, half, w);
+            const uint16_t *ds = dg + b * spt + 8 * half, *ms = mg ? mg + b * spt + 8 * half : NULL;
+            if (kind == 6) { /* a scale and min per half of the block (k): weights 16 k .. 16 k + 15 */
+                __m256 dv0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)ds));
+                __m256 dv1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ds + 16)));
+                for (int i = 0; i < R; i++) {
+                    const int8_t *h = a->xh + (r + i) * a->K + b * QK, *l = a->xl + (r + i) * a->K + b * QK;
+                    __m256 dx = _mm256_set1_ps(a->xd[(r + i) * nb + b]);
+                    float xs0 = a->xs2[2 * ((r + i) * nb + b)], xs1 = a->xs2[2 * ((r + i) * nb + b) + 1];
+                    /* the weights were stored as q + 32: take 32 sum(qx) of each half back out */
+                    __m256 t0 = _mm256_fmadd_ps(dot256(w, 0, 4, h, l, 0), dx, _mm256_set1_ps(-32.f * xs0));
+                    __m256 t1 = _mm256_fmadd_ps(dot256(w, 4, 4, h, l, 0), dx, _mm256_set1_ps(-32.f * xs1));
+                    acc[i][half] = _mm256_fmadd_ps(dv1, t1, _mm256_fmadd_ps(dv0, t0, acc[i][half]));
+                    if (ms) {
+                        __m256 mv0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)ms));
+                        __m256 mv1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ms + 16)));
+                        acc[i][half] = _mm256_fmadd_ps(mv1, _mm256_set1_ps(xs1),
+                                                       _mm256_fmadd_ps(mv0, _mm256_set1_ps(xs0), acc[i][half]));
+                    }
                 }
-            } else {
-                for (int j = 0; j < 8; j++) w[j] = _mm256_loadu_si256((const __m256i *)(tile + 64 * j + 32 * half));
+                continue;
             }
-            __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dg + b * NR + 8 * half)));
-            __m256 mv = mg ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mg + b * NR + 8 * half)))
-                           : _mm256_setzero_ps();
+            __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)ds));
+            __m256 mv = ms ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)ms)) : _mm256_setzero_ps();
             for (int i = 0; i < R; i++) {
                 const int8_t *h = a->xh + (r + i) * a->K + b * QK, *l = a->xl + (r + i) * a->K + b * QK;
-                __m256i sh = _mm256_setzero_si256(), sl = _mm256_setzero_si256();
-                for (int j = 0; j < 8; j++) {
-                    int32_t hj, lj;
-                    memcpy(&hj, h + 4 * j, 4);
-                    memcpy(&lj, l + 4 * j, 4);
-                    sh = _mm256_add_epi32(sh, dot4(w[j], _mm256_set1_epi32(hj), sgn));
-                    sl = _mm256_add_epi32(sl, dot4(w[j], _mm256_set1_epi32(lj), sgn));
-                }
-                __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(sh, 8), sl));
+                __m256 dot = dot256(w, 0, 8, h, l, sgn);
                 float dx = a->xd[(r + i) * nb + b], xs = a->xs[(r + i) * nb + b];
                 acc[i][half] = _mm256_fmadd_ps(dv, _mm256_mul_ps(dot, _mm256_set1_ps(dx)), acc[i][half]);
-                if (mg) acc[i][half] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs), acc[i][half]);
+                if (ms) acc[i][half] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs), acc[i][half]);
             }
         }
     }
@@ -236,24 +339,26 @@ static inline __attribute__((always_inline)) void int_group(const qm_args *a, in
 #else
 #define IR 4
 static void int_group(const qm_args *a, int64_t g, int64_t r, const int R, float *out) {
-    const int64_t nb = a->nb, tb = tile_bytes(a->kind);
+    const int64_t nb = a->nb, tb = qt_tile_bytes(a->kind);
     for (int i = 0; i < R; i++) {
         float acc[NR] = {0};
         const int8_t *h = a->xh + (r + i) * a->K, *l = a->xl + (r + i) * a->K;
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *tile = a->qs + (g * nb + b) * tb;
-            float dx = a->xd[(r + i) * nb + b], xs = a->xs[(r + i) * nb + b];
+            float dx = a->xd[(r + i) * nb + b];
             for (int n = 0; n < NR; n++) {
-                int32_t s = 0;
-                for (int j = 0; j < 8; j++) {
-                    for (int e = 0; e < 4; e++) {
-                        int k = b * QK + 4 * j + e;
-                        s += qt_quant(a->kind, tile, j, n, e) * (256 * h[k] + l[k]);
+                for (int half = 0; half < 2; half++) { /* kinds 4 and 8 read their one scale twice */
+                    int32_t s = 0;
+                    for (int j = 4 * half; j < 4 * half + 4; j++) {
+                        for (int e = 0; e < 4; e++) {
+                            int k = b * QK + 4 * j + e;
+                            s += qt_quant(a->kind, tile, j, n, e) * (256 * h[k] + l[k]);
+                        }
                     }
+                    int64_t sc = qt_scale_index(a->kind, nb, g, b, half, n);
+                    acc[n] += half_to_float(a->d[sc]) * dx * (float)s;
+                    if (a->m) acc[n] += half_to_float(a->m[sc]) * a->xs2[2 * ((r + i) * nb + b) + half];
                 }
-                int64_t sc = (g * nb + b) * NR + n;
-                acc[n] += half_to_float(a->d[sc]) * dx * (float)s;
-                if (a->m) acc[n] += half_to_float(a->m[sc]) * xs;
             }
         }
         memcpy(out + i * NR, acc, sizeof acc);
@@ -288,39 +393,45 @@ static void int_part(void *p, int t, int T) {
 /* ---- the fp32 panel path ----------------------------------------------------------------- */
 /* panel[k * NR + n] = W[16 g + n][k] (padding rows are zero in the layout). */
 static void dequant_panel(const qm_args *a, int64_t g, float *panel) {
-    const int64_t nb = a->nb, tb = tile_bytes(a->kind);
+    const int64_t nb = a->nb, tb = qt_tile_bytes(a->kind);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *tile = a->qs + (g * nb + b) * tb;
-        const uint16_t *dp = a->d + (g * nb + b) * NR, *mp = a->m ? a->m + (g * nb + b) * NR : NULL;
         float *dst = panel + b * QK * NR;
 #if defined(__AVX512F__)
-        __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)dp));
-        __m512 mv = mp ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)mp)) : _mm512_setzero_ps();
-        for (int j = 0; j < 8; j++) {
-            /* lane n holds bytes 4n .. 4n + 3: weights 4j .. 4j + 3 of row n */
-            __m512i v = _mm512_loadu_si512((const void *)(tile + 64 * (a->kind == 4 ? (j & 3) : j)));
-            for (int e = 0; e < 4; e++) {
-                __m512i q;
-                if (a->kind == 4)
-                    q = _mm512_and_si512(_mm512_srli_epi32(v, 8 * e + (j < 4 ? 0 : 4)), _mm512_set1_epi32(0x0F));
-                else
-                    q = _mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * e), 24);
-                _mm512_store_ps(dst + (4 * j + e) * NR, _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), dv, mv));
+        if (a->kind != 6) {
+            const uint16_t *dp = a->d + (g * nb + b) * NR, *mp = a->m ? a->m + (g * nb + b) * NR : NULL;
+            __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)dp));
+            __m512 mv = mp ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)mp)) : _mm512_setzero_ps();
+            for (int j = 0; j < 8; j++) {
+                /* lane n holds bytes 4n .. 4n + 3: weights 4j .. 4j + 3 of row n */
+                __m512i v = _mm512_loadu_si512((const void *)(tile + 64 * (a->kind == 4 ? (j & 3) : j)));
+                for (int e = 0; e < 4; e++) {
+                    __m512i q;
+                    if (a->kind == 4)
+                        q = _mm512_and_si512(_mm512_srli_epi32(v, 8 * e + (j < 4 ? 0 : 4)), _mm512_set1_epi32(0x0F));
+                    else
+                        q = _mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * e), 24);
+                    _mm512_store_ps(dst + (4 * j + e) * NR, _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), dv, mv));
+                }
             }
-        }
-#else
-        float dv[NR], mv[NR];
-        for (int n = 0; n < NR; n++) {
-            dv[n] = half_to_float(dp[n]);
-            mv[n] = mp ? half_to_float(mp[n]) : 0.f;
-        }
-        for (int j = 0; j < 8; j++) {
-            for (int e = 0; e < 4; e++) {
-                float *row = dst + (4 * j + e) * NR;
-                for (int n = 0; n < NR; n++) row[n] = dv[n] * (float)qt_quant(a->kind, tile, j, n, e) + mv[n];
-            }
+            continue;
         }
 #endif
+        /* kind 6 (the panel path only runs with int_max_m = 0) and the portable build */
+        for (int half = 0; half < 2; half++) {
+            float dv[NR], mv[NR];
+            for (int n = 0; n < NR; n++) {
+                int64_t sc = qt_scale_index(a->kind, nb, g, b, half, n);
+                dv[n] = half_to_float(a->d[sc]);
+                mv[n] = a->m ? half_to_float(a->m[sc]) : 0.f;
+            }
+            for (int j = 4 * half; j < 4 * half + 4; j++) {
+                for (int e = 0; e < 4; e++) {
+                    float *row = dst + (4 * j + e) * NR;
+                    for (int n = 0; n < NR; n++) row[n] = dv[n] * (float)qt_quant(a->kind, tile, j, n, e) + mv[n];
+                }
+            }
+        }
     }
 }
 
@@ -409,25 +520,26 @@ static void fp_part(void *p, int t, int T) {
 int QM_FN(qm_linear)(int kind, const float *x, int64_t ldx, int64_t M, const uint8_t *qs, const uint16_t *d,
                      const uint16_t *m, const float *bias, int64_t N, int64_t K, float *y, int64_t ldy,
                      int int_max_m, rf_par par, int threads) {
-    qm_args a = {kind, x, ldx, M, N, K, K / QK, ldy, qs, d, m, bias, y, NULL, NULL, NULL, NULL, NULL};
+    qm_args a = {kind, x, ldx, M, N, K, K / QK, ldy, qs, d, m, bias, y, NULL, NULL, NULL, NULL, NULL, NULL};
     int64_t G = (N + NR - 1) / NR;
     int T = G < threads ? (int)G : threads;
     if (T < 1 || !par) T = 1;
     if (M < int_max_m) {
         int8_t *xb = malloc((size_t)(2 * M * K) + 64);
-        float *xf = malloc(sizeof(float) * (size_t)(2 * M * a.nb + 1));
+        float *xf = malloc(sizeof(float) * (size_t)(4 * M * a.nb + 1));
         if (!xb || !xf) {
             free(xb);
             free(xf);
             return -1;
         }
-        qx_args qa = {x, ldx, M, K, xb, xb + M * K, xf, xf + M * a.nb};
+        qx_args qa = {x, ldx, M, K, xb, xb + M * K, xf, xf + M * a.nb, xf + 2 * M * a.nb};
         int TQ = M < 16 || !par ? 1 : threads;  /* rows split among the threads when there are many */
         if (TQ > 1) par(quantize_part, &qa, TQ); else quantize_part(&qa, 0, 1);
         a.xh = xb;
         a.xl = xb + M * K;
         a.xd = xf;
         a.xs = xf + M * a.nb;
+        a.xs2 = xf + 2 * M * a.nb;
         if (T > 1) par(int_part, &a, T); else int_part(&a, 0, 1);  /* one caller per pool call */
         free(xb);
         free(xf);

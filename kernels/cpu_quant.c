@@ -71,19 +71,21 @@ int qm_linear(int kind, const float *x, int64_t ldx, int64_t M, const uint8_t *q
 }
 
 /* out[i] (K floats) = row ids[i] of the weight dequantized (layout of cpu_qmm.c: groups of 16
- * rows, one tile per block; d and m fp16). */
+ * rows, one tile per block; d and m fp16, one per block or, kind 6, per half block). */
 void qm_dequant_rows(int kind, const uint8_t *qs, const uint16_t *d, const uint16_t *m, int64_t K,
                      const int64_t *ids, int64_t n, float *out) {
-    int64_t nb = K / 32, tb = kind == 4 ? 256 : 512;
+    int64_t nb = K / 32, tb = qt_tile_bytes(kind);
     for (int64_t i = 0; i < n; i++) {
-        int64_t g = ids[i] / 16, r = ids[i] % 16;
+        int64_t g = ids[i] / 16;
+        int r = (int)(ids[i] % 16);
         float *o = out + i * K;
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *tile = qs + (g * nb + b) * tb;
-            float dv = qt_half_to_float(d[(g * nb + b) * 16 + r]);
-            float mv = m ? qt_half_to_float(m[(g * nb + b) * 16 + r]) : 0.f;
-            for (int j = 0; j < 8; j++)
+            for (int j = 0; j < 8; j++) {
+                int64_t sc = qt_scale_index(kind, nb, g, b, j >> 2, r);
+                float dv = qt_half_to_float(d[sc]), mv = m ? qt_half_to_float(m[sc]) : 0.f;
                 for (int e = 0; e < 4; e++) o[b * 32 + 4 * j + e] = dv * (float)qt_quant(kind, tile, j, r, e) + mv;
+            }
         }
     }
 }

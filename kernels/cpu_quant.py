@@ -11,8 +11,9 @@
   embedding(qw, ids) -> rows      rows of W dequantized on lookup
 
 Value of element (n, k), block b = k // 32: d[n, b] * q[n, k] + m[n, b] with fp16 d and m; kind 4
-holds q in [0, 15], kind 8 int8 q in [-127, 127]. Rows are kept in groups of 16, interleaved four
-weights at a time, so one SIMD instruction works on 16 rows (the layout: cpu_qmm.c).
+holds q in [0, 15], kind 8 int8 q in [-127, 127], kind 6 q in [-32, 31] (GGUF Q6_K, 6 bits kept in
+7 per weight) with a scale and min per half block, b = k // 16. Rows are kept in groups of 16,
+interleaved four weights at a time, so one SIMD instruction works on 16 rows (layout: cpu_qmm.c).
 
 The library is built without -march=native: cpu_qmm.c is compiled once per instruction set
 (portable, AVX2 + FMA, AVX-512 + VNNI) and cpu_quant.c picks one at run time from the CPU's
@@ -56,7 +57,7 @@ _BASE = ["-O3", "-fPIC", "-fno-math-errno", "-ffp-contract=fast", "-fopenmp-simd
 _ISA_FLAGS = {"avx2": ["-mavx2", "-mfma", "-mf16c"],
               "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
                          "-mavx512vnni"]}
-_VERSION = b"5"  # bump when the flags or the build steps change
+_VERSION = b"6"  # bump when the flags or the build steps change
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -157,9 +158,9 @@ def set_level(name: str | None) -> str:
 @dataclass(frozen=True)
 class QuantWeight:
     """An (N, K) weight in cpu_qmm.c's layout: rows in groups of 16 (G = ceil(N / 16), padding rows
-    zero), one tile per (group, block of 32): qs uint8 (G, K / 32, 256) for kind 4, (G, K / 32, 512)
-    for kind 8; d and m fp16 (G, K / 32, 16), m None meaning zero mins. Everything contiguous on
-    the CPU."""
+    zero), one tile per (group, block of 32): qs uint8 (G, K / 32, 256 | 384 | 512) for kind 4 | 6 |
+    8; d and m fp16 (G, K / 32, 16), kind 6 (G, K / 32, 2 * 16) (halves, then rows), m None meaning
+    zero mins. Everything contiguous on the CPU."""
 
     kind: int
     qs: torch.Tensor
@@ -173,46 +174,63 @@ class QuantWeight:
 
 
 NR = 16  # rows per group
+_RANGES = {4: (0, 15), 6: (-32, 31), 8: (-127, 127)}  # kind 8: -128 would overflow the AVX2 sign trick
+# kind 6: where the high 2 bits of weights 4j .. 4j + 3 sit in high vector j & 1 (cpu_qmm.c)
+_HI_SHIFTS = (0, 0, 4, 4, 2, 2, 6, 6)
+
+
+def scale_group(kind: int) -> int:
+    """Weights per scale (and min) along K: 16 for kind 6 (Q6_K's sub-blocks), else 32."""
+    return 16 if kind == 6 else QK
 
 
 def _to_tiles(kind: int, q: torch.Tensor) -> torch.Tensor:
     """(G * 16, K) quants -> (G, nb, tile bytes): byte 4n + e of vector v holds weight 4v + e of
-    the block for row n (kind 4: vectors v and v + 4 share bytes, low and high nibbles)."""
+    the block for row n (kinds 4, 6: vectors v and v + 4 share bytes, low and high nibbles; kind
+    6 then holds the high 2 bits of q + 32 in 2 more vectors)."""
     GN, K = q.shape
-    t = q.view(GN // NR, NR, K // QK, 8, 4).permute(0, 2, 3, 1, 4)  # (G, nb, j, n, e)
+    G, nb = GN // NR, K // QK
+    t = q.view(G, NR, nb, 8, 4).permute(0, 2, 3, 1, 4)  # (G, nb, j, n, e)
     if kind == 8:
-        return t.to(torch.int8).contiguous().view(torch.uint8).view(GN // NR, K // QK, 512)
-    t = t.to(torch.uint8)
-    return (t[:, :, :4] | (t[:, :, 4:] << 4)).contiguous().view(GN // NR, K // QK, 256)
+        return t.to(torch.int8).contiguous().view(torch.uint8).view(G, nb, 512)
+    t = (t + 32 if kind == 6 else t).to(torch.uint8)
+    lo = t & 0x0F
+    tiles = (lo[:, :, :4] | (lo[:, :, 4:] << 4)).reshape(G, nb, 256)
+    if kind == 4:
+        return tiles.contiguous()
+    hi = [(t[:, :, j] >> 4) << _HI_SHIFTS[j] for j in range(8)]
+    high = torch.stack([hi[u] | hi[u + 2] | hi[u + 4] | hi[u + 6] for u in (0, 1)], dim=2)
+    return torch.cat([tiles, high.reshape(G, nb, 128)], dim=-1).contiguous()
 
 
-def _group_rows(t: torch.Tensor, G: int) -> torch.Tensor:
-    """(N, nb) per-block values -> (G, nb, 16) fp16, padding rows zero."""
-    N, nb = t.shape
-    out = torch.zeros(G * NR, nb, dtype=torch.float16)
+def _group_rows(t: torch.Tensor, G: int, nb: int) -> torch.Tensor:
+    """(N, nb * h) per-scale values (h = 2 halves for kind 6, else 1) -> (G, nb, h * 16) fp16,
+    padding rows zero."""
+    N, S = t.shape
+    out = torch.zeros(G * NR, S, dtype=torch.float16)
     out[:N] = t
-    return out.view(G, NR, nb).transpose(1, 2).contiguous()
+    return out.view(G, NR, nb, S // nb).permute(0, 2, 3, 1).reshape(G, nb, S // nb * NR).contiguous()
 
 
 def pack(kind: int, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> QuantWeight:
-    """q (N, K) integer quants ([0, 15] for kind 4, [-127, 127] for kind 8), d and m (N, K / 32)
-    scales and mins (m None: zero), rounded to fp16 -> QuantWeight. Raises ValueError on bad
-    shapes or ranges."""
-    if kind not in (4, 8) or q.dim() != 2 or q.shape[1] % QK:
-        raise ValueError(f"kind must be 4 or 8 and q (N, K) with K % 32 == 0, got {kind}, {tuple(q.shape)}")
+    """q (N, K) integer quants ([0, 15] for kind 4, [-32, 31] for kind 6, [-127, 127] for kind 8),
+    d and m (N, K / scale_group(kind)) scales and mins (m None: zero), rounded to fp16 ->
+    QuantWeight. Raises ValueError on bad shapes or ranges."""
+    if kind not in _RANGES or q.dim() != 2 or q.shape[1] % QK:
+        raise ValueError(f"kind must be 4, 6 or 8 and q (N, K) with K % 32 == 0, got {kind}, {tuple(q.shape)}")
     N, K = q.shape
-    nb = K // QK
+    ns = K // scale_group(kind)
     for name, t in (("d", d), ("m", m)):
-        if t is not None and tuple(t.shape) != (N, nb):
-            raise ValueError(f"{name} must be ({N}, {nb}), got {tuple(t.shape)}")
-    lo, hi = (0, 15) if kind == 4 else (-127, 127)  # -128 would overflow the AVX2 sign trick
+        if t is not None and tuple(t.shape) != (N, ns):
+            raise ValueError(f"{name} must be ({N}, {ns}), got {tuple(t.shape)}")
+    lo, hi = _RANGES[kind]
     if q.numel() and (int(q.min()) < lo or int(q.max()) > hi):
         raise ValueError(f"kind {kind} quants must lie in [{lo}, {hi}]")
-    G = (N + NR - 1) // NR
+    G, nb = (N + NR - 1) // NR, K // QK
     qp = torch.zeros(G * NR, K, dtype=torch.int16)
     qp[:N] = q
-    return QuantWeight(kind, _to_tiles(kind, qp), _group_rows(d, G), None if m is None else _group_rows(m, G),
-                       (N, K))
+    return QuantWeight(kind, _to_tiles(kind, qp), _group_rows(d, G, nb),
+                       None if m is None else _group_rows(m, G, nb), (N, K))
 
 
 def quantize(w: torch.Tensor, scheme: str) -> QuantWeight:
@@ -244,8 +262,9 @@ def _half_toward(t: torch.Tensor, direction: int) -> torch.Tensor:
 
 
 def _rows(t: torch.Tensor, N: int) -> torch.Tensor:
-    """(G, nb, 16) per-block values -> (N, nb) fp32."""
-    return t.transpose(1, 2).reshape(-1, t.shape[1])[:N].float()
+    """(G, nb, h * 16) per-scale values -> (N, nb * h) fp32."""
+    G, nb, S = t.shape
+    return t.view(G, nb, S // NR, NR).permute(0, 3, 1, 2).reshape(G * NR, nb * S // NR)[:N].float()
 
 
 def unpack(qw: QuantWeight) -> torch.Tensor:
@@ -255,16 +274,21 @@ def unpack(qw: QuantWeight) -> torch.Tensor:
     if qw.kind == 8:
         t = qw.qs.view(torch.int8).view(G, nb, 8, NR, 4)
     else:
-        v = qw.qs.view(G, nb, 4, NR, 4)
-        t = torch.cat([v & 0x0F, v >> 4], dim=2).view(torch.int8)
+        v = qw.qs[..., :256].reshape(G, nb, 4, NR, 4)
+        t = torch.cat([v & 0x0F, v >> 4], dim=2)
+        if qw.kind == 6:
+            h = qw.qs[..., 256:].reshape(G, nb, 2, NR, 4)
+            hi = torch.stack([(h[:, :, j & 1] >> _HI_SHIFTS[j]) & 3 for j in range(8)], dim=2)
+            t = (t | (hi << 4)).to(torch.int16) - 32
+        t = t.to(torch.int8)
     return t.permute(0, 3, 1, 2, 4).reshape(G * NR, K)[:N].contiguous()
 
 
 def dequantize(qw: QuantWeight) -> torch.Tensor:
     """The fp32 (N, K) values of a QuantWeight (PyTorch; for references and the none path)."""
     N, K = qw.shape
-    nb = K // QK
-    out = unpack(qw).view(N, nb, QK).float() * _rows(qw.d, N)[..., None]
+    gs = scale_group(qw.kind)
+    out = unpack(qw).view(N, K // gs, gs).float() * _rows(qw.d, N)[..., None]
     if qw.m is not None:
         out += _rows(qw.m, N)[..., None]
     return out.view(N, K)
@@ -311,8 +335,9 @@ def embedding(qw: QuantWeight, ids: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class QuantBlocks:
-    """A weight before packing: q (N, K) int8 quants, d and m (N, K / 32) fp32 (m None: zero),
-    kind 4 (q in [0, 15]) or 8 (q in [-128, 127]). Loaders produce it; `concat` fuses shards."""
+    """A weight before packing: q (N, K) int8 quants, d and m (N, K / scale_group(kind)) fp32 (m
+    None: zero), kind 4 (q in [0, 15]), 6 (q in [-32, 31], a scale per 16) or 8 (q in [-127, 127]).
+    Loaders produce it; `concat` fuses shards."""
 
     kind: int
     q: torch.Tensor
@@ -324,9 +349,21 @@ class QuantBlocks:
 
 
 def concat(parts: list[QuantBlocks]) -> QuantBlocks:
-    """Stack weights along N (fused q/k/v, gate/up); a kind-4 part joins kind-8 ones unchanged in
-    value (its quants fit in int8)."""
-    kind = max(p.kind for p in parts)
+    """Stack weights along N (fused q/k/v, gate/up) in the smallest kind that holds every part
+    unchanged in value: kind 4 < 6 < 8, a part's scales repeated per half when it joins kind 6.
+    Only a kind-6 part joining 8-bit quants beyond [-32, 31] is changed: requantized to int8."""
+    kinds = {p.kind for p in parts}
+    kind = max(kinds)
+    if kinds >= {6, 8}:
+        lo, hi = _RANGES[6]
+        if all(p.kind != 8 or (int(p.q.min()) >= lo and int(p.q.max()) <= hi) for p in parts):
+            kind = 6
+        else:
+            parts = [blocks_of(quantize(dequantize(p.pack()), "int8")) if p.kind == 6 else p for p in parts]
+    if kind == 6:
+        parts = [p if p.kind == 6 else QuantBlocks(p.kind, p.q, p.d.repeat_interleave(2, 1),
+                                                   None if p.m is None else p.m.repeat_interleave(2, 1))
+                 for p in parts]
     ms = [p.m if p.m is not None else torch.zeros_like(p.d) for p in parts]
     m = None if all(p.m is None for p in parts) else torch.cat(ms)
     return QuantBlocks(kind, torch.cat([p.q for p in parts]), torch.cat([p.d for p in parts]), m)

@@ -123,14 +123,17 @@ def quantize_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def qlinear_ref(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
-    """The integer path of cpu_quant.linear: W = d * q + m per block of 32 ((N, K) quants,
-    (N, K / 32) scales and mins), x quantized by quantize_rows_ref; y[i, n] = sum_b d[n, b] dx[i, b]
-    (q_w . q_x)_b + sum_b m[n, b] dx[i, b] sum(q_x)_b, in fp64. Returns fp32 (M, N)."""
+    """The integer path of cpu_quant.linear: W = d * q + m per group of gs = 32 or 16 weights
+    ((N, K) quants, (N, K / gs) scales and mins), x quantized by quantize_rows_ref per block of
+    32; y[i, n] = sum_g d[n, g] dx[i, g] (q_w . q_x)_g + sum_g m[n, g] dx[i, g] sum(q_x)_g, in
+    fp64. Returns fp32 (M, N)."""
     M, K = x.shape
-    N = q.shape[0]
+    N, S = d.shape
+    gs = K // S
     qx, dx = quantize_rows_ref(x)
-    dots = torch.einsum("mbk,nbk->mnb", qx.view(M, K // 32, 32), q.double().view(N, K // 32, 32))
-    y = (dots * d.double()[None] * dx.double()[:, None]).sum(-1)
+    dx = dx.double().repeat_interleave(32 // gs, dim=1)  # (M, S)
+    dots = torch.einsum("mbk,nbk->mnb", qx.view(M, S, gs), q.double().view(N, S, gs))
+    y = (dots * d.double()[None] * dx[:, None]).sum(-1)
     if m is not None:
-        y += (qx.view(M, K // 32, 32).sum(-1) * dx.double()) @ m.double().T
+        y += (qx.view(M, S, gs).sum(-1) * dx) @ m.double().T
     return y.float()

@@ -4,9 +4,11 @@
 with per-block scales and mins, no fp32 values): Q4_0 and Q4_1 become 4-bit blocks, Q8_0, Q5_0
 and Q5_1 8-bit ones, each value exactly as ggml defines it. Q4_K and Q5_K (super-blocks of 256
 with 6-bit scales per 32) become 4- and 8-bit blocks of 32 with scale d * sc and min -dmin * m,
-which the kernels keep in fp16 (within 0.05% of ggml's fp32 products). Other block types (Q6_K's
-sub-blocks of 16, Q2_K, Q3_K, IQ-quants) are decoded to fp32 and requantized to 8-bit blocks. `iter_gguf_weights`
-yields every tensor of a Llama GGUF under its Hugging Face name, in HF Q/K row order.
+and Q6_K (sub-blocks of 16, int8 scales) becomes kind-6 blocks (6-bit quants, a scale d * sc per
+16); the kernels keep these products in fp16 (within 0.05% of ggml's fp32 ones). Other block
+types (Q2_K, Q3_K, IQ-quants) are decoded to fp32 and requantized to 8-bit blocks.
+`iter_gguf_weights` yields every tensor of a Llama GGUF under its Hugging Face name, in HF Q/K
+row order.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def gguf_blocks(raw: np.ndarray, qtype: QT, shape: tuple[int, int]) -> QuantBloc
     data = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
     if qtype in (QT.Q4_K, QT.Q5_K):
         return _k_quant_blocks(data, qtype, shape)
+    if qtype == QT.Q6_K:
+        return _q6_k_blocks(data, shape)
     if qtype not in _LAYOUTS:  # other K-quants and IQ-quants: requantized (lossy) to 8-bit blocks
         return blocks_of(quantize(torch.from_numpy(dequantize(data, qtype, shape)), "int8"))
     size, kind, qoff, has_min, offset = _LAYOUTS[qtype]
@@ -91,6 +95,26 @@ def _k_quant_blocks(data: np.ndarray, qtype: QT, shape: tuple[int, int]) -> Quan
     return QuantBlocks(kind, torch.from_numpy(np.ascontiguousarray(q.reshape(N, K)).view(np.int8)),
                        torch.from_numpy(np.ascontiguousarray(d.reshape(N, nb))),
                        torch.from_numpy(np.ascontiguousarray(m.reshape(N, nb))))
+
+
+def _q6_k_blocks(data: np.ndarray, shape: tuple[int, int]) -> QuantBlocks:
+    """Q6_K (ggml-common.h: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8 scales, fp16
+    d per super-block of 256) as kind-6 blocks: q in [-32, 31], scale d * sc per 16 weights."""
+    N, K = shape
+    if K % 256 or data.size != N * K // 256 * 210:
+        raise ValueError(f"Q6_K tensor of shape {shape}: {data.size} bytes, expected {N * K // 256 * 210}")
+    b = data.reshape(-1, 210)
+    # per 128-weight half h: ql[64 h: 64 h + 64], qh[32 h: 32 h + 32]; weights 32 c + l (c < 4, l < 32)
+    # take the low (c = 0, 1) or high (c = 2, 3) nibbles of ql[64 h + 32 (c % 2) + l], and bits
+    # 2c, 2c + 1 of qh[32 h + l]
+    ql = b[:, :128].reshape(-1, 2, 1, 2, 32)  # (n, h, nibble, c % 2, l)
+    lo = (ql >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1, 1)) & np.uint8(0x0F)
+    qh = b[:, 128:192].reshape(-1, 2, 1, 32)  # (n, h, 1, l)
+    hi = (qh >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)) & np.uint8(3)  # (n, h, c, l)
+    q = (lo.reshape(-1, 2, 4, 32) | (hi << np.uint8(4))).astype(np.int8) - np.int8(32)
+    d = _f16(b, 208) * b[:, 192:208].view(np.int8).astype(np.float32)  # (n, 16)
+    return QuantBlocks(6, torch.from_numpy(np.ascontiguousarray(q.reshape(N, K))),
+                       torch.from_numpy(np.ascontiguousarray(d.reshape(N, K // 16))), None)
 
 
 def _permute_rows(blocks: QuantBlocks, n_head: int) -> QuantBlocks:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from radixflow.kernels.cpu_quant import QK, QuantBlocks
+from radixflow.kernels.cpu_quant import QK, QuantBlocks, scale_group
 from radixflow.runtime.model.model_config import ModelConfig
 
 Weight = torch.Tensor | QuantBlocks
@@ -111,7 +111,8 @@ def _cols(w: Weight, start: int, end: int, name: str) -> Weight:
         if start % QK or end % QK:
             raise ValueError(f"{name}: a row-parallel cut at columns [{start}, {end}) splits a quantized "
                              f"block of {QK}; this model cannot run quantized at this tp_size")
-        b0, b1 = start // QK, end // QK
+        gs = scale_group(w.kind)  # weights per scale: 16 for kind 6, else 32
+        b0, b1 = start // gs, end // gs
         return QuantBlocks(w.kind, w.q[:, start:end].contiguous(), w.d[:, b0:b1].contiguous(),
                            None if w.m is None else w.m[:, b0:b1].contiguous())
     return w[:, start:end].contiguous()
