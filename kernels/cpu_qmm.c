@@ -238,14 +238,14 @@ static inline __attribute__((always_inline)) void int_group(const qm_args *a, in
 }
 #elif defined(__AVX2__)
 #define IR 2
-/* 8 int32 sums of 4 u8 * s8 products each (pmaddubsw pairs, then pmaddwd with ones). Kind 4
- * weights are at most 15, so the 16-bit pair sums cannot saturate; kind 8 ones come signed and
- * go through the sign trick (|x| * sign(w, x); |x| <= 128 read unsigned), which cannot either
- * for |w| <= 127 (pack's range). */
-static inline __m256i dot4(__m256i w, __m256i x, int is_signed) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    if (is_signed) return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x)), ones);
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
+/* u8 * s8 products summed in pairs to int16 (pmaddubsw). Kind 4 and 6 weights are unsigned and
+ * small: a pair is at most 2 * 15 * 128 (kind 4) or 2 * 63 * 128 (kind 6), so 8 (kind 4) or 2 (kind
+ * 6) pair sums add up in int16 before one pmaddwd widens them to int32 (`per` below). Kind 8 ones
+ * are signed and go through the sign trick (|x| * sign(w, x); |x| <= 128 read unsigned), whose
+ * pairs reach 2 * 127 * 128 (pack's range): widened at once. */
+static inline __m256i pairs4(__m256i w, __m256i x, int is_signed) {
+    if (is_signed) return _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x));
+    return _mm256_maddubs_epi16(w, x);
 }
 /* Rows 8 half .. 8 half + 7 of one tile as unsigned bytes (kind 4 q, kind 6 q + 32) or, kind 8,
  * signed ones (vector j: weights 4j .. 4j + 3). */
@@ -272,16 +272,24 @@ static inline __attribute__((always_inline)) void load_tile256(int kind, const u
     }
 }
 
-/* Integer dot products of 8 rows' weights j0 .. j0 + n - 1 with activations 256 h + l. */
+/* Integer dot products of 8 rows' weights j0 .. j0 + n - 1 with activations 256 h + l; `per`
+ * pair sums are added in int16 before each widening (1 for kind 8, 2 for kind 6, 8 for kind 4). */
 static inline __attribute__((always_inline)) __m256 dot256(const __m256i w[8], int j0, int n, const int8_t *h,
-                                                           const int8_t *l, int sgn) {
+                                                           const int8_t *l, int sgn, int per) {
+    const __m256i ones = _mm256_set1_epi16(1);
     __m256i sh = _mm256_setzero_si256(), sl = _mm256_setzero_si256();
+    __m256i ph = _mm256_setzero_si256(), pl = _mm256_setzero_si256();
     for (int j = j0; j < j0 + n; j++) {
         int32_t hj, lj;
         memcpy(&hj, h + 4 * j, 4);
         memcpy(&lj, l + 4 * j, 4);
-        sh = _mm256_add_epi32(sh, dot4(w[j], _mm256_set1_epi32(hj), sgn));
-        sl = _mm256_add_epi32(sl, dot4(w[j], _mm256_set1_epi32(lj), sgn));
+        ph = _mm256_add_epi16(ph, pairs4(w[j], _mm256_set1_epi32(hj), sgn));
+        pl = _mm256_add_epi16(pl, pairs4(w[j], _mm256_set1_epi32(lj), sgn));
+        if ((j - j0 + 1) % per == 0 || j == j0 + n - 1) {
+            sh = _mm256_add_epi32(sh, _mm256_madd_epi16(ph, ones));
+            sl = _mm256_add_epi32(sl, _mm256_madd_epi16(pl, ones));
+            ph = pl = _mm256_setzero_si256();
+        }
     }
     return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(sh, 8), sl));
 }
@@ -308,8 +316,8 @@ static inline __attribute__((always_inline)) void int_group(const qm_args *a, in
                     __m256 dx = _mm256_set1_ps(a->xd[(r + i) * nb + b]);
                     float xs0 = a->xs2[2 * ((r + i) * nb + b)], xs1 = a->xs2[2 * ((r + i) * nb + b) + 1];
                     /* the weights were stored as q + 32: take 32 sum(qx) of each half back out */
-                    __m256 t0 = _mm256_fmadd_ps(dot256(w, 0, 4, h, l, 0), dx, _mm256_set1_ps(-32.f * xs0));
-                    __m256 t1 = _mm256_fmadd_ps(dot256(w, 4, 4, h, l, 0), dx, _mm256_set1_ps(-32.f * xs1));
+                    __m256 t0 = _mm256_fmadd_ps(dot256(w, 0, 4, h, l, 0, 2), dx, _mm256_set1_ps(-32.f * xs0));
+                    __m256 t1 = _mm256_fmadd_ps(dot256(w, 4, 4, h, l, 0, 2), dx, _mm256_set1_ps(-32.f * xs1));
                     acc[i][half] = _mm256_fmadd_ps(dv1, t1, _mm256_fmadd_ps(dv0, t0, acc[i][half]));
                     if (ms) {
                         __m256 mv0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)ms));
@@ -324,7 +332,7 @@ static inline __attribute__((always_inline)) void int_group(const qm_args *a, in
             __m256 mv = ms ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)ms)) : _mm256_setzero_ps();
             for (int i = 0; i < R; i++) {
                 const int8_t *h = a->xh + (r + i) * a->K + b * QK, *l = a->xl + (r + i) * a->K + b * QK;
-                __m256 dot = dot256(w, 0, 8, h, l, sgn);
+                __m256 dot = dot256(w, 0, 8, h, l, sgn, kind == 4 ? 8 : 1);
                 float dx = a->xd[(r + i) * nb + b], xs = a->xs[(r + i) * nb + b];
                 acc[i][half] = _mm256_fmadd_ps(dv, _mm256_mul_ps(dot, _mm256_set1_ps(dx)), acc[i][half]);
                 if (ms) acc[i][half] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs), acc[i][half]);
