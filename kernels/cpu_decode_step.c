@@ -10,7 +10,8 @@
  *   h = rmsnorm(x + residual)            rmsnorm_f32 (cpu_rmsnorm.c); layer 0: residual = x
  *   qkv = h @ Wqkv^T (+ b)               qm_linear (cpu_quant.c), through a function pointer
  *   rope on q and k, in place            rope_f32 (cpu_elementwise.c)
- *   k, v -> the pool at out_loc          fp32, or rounded to fp16 / bf16 to nearest even as torch does
+ *   k, v -> the pool at out_loc          fp32, or cast to fp16 / bf16 / fp8 byte for byte as torch's
+ *                                        .to() (cpu_math.h), which the Python path's KVPool.set_kv runs
  *   attn = decode attention              decode_attention_f32 (cpu_decode_attention.c)
  *   o = attn @ Wo^T; h = rmsnorm(o + residual)
  *   x = (silu(gate) * up)(h @ Wgu^T) @ Wdown^T    silu_mul_f32 (cpu_elementwise.c)
@@ -60,7 +61,8 @@ typedef struct {
     float eps, scale;
     const float *cos, *sin;  /* rope caches, rows cache_stride floats apart, max_pos rows */
     int64_t cache_stride, max_pos;
-    int64_t kv_dtype, num_slots;  /* 0 fp32, 1 fp16, 2 bf16; rows of each k/v buffer */
+    int64_t kv_dtype, num_slots;  /* 0 fp32, 1 fp16, 2 bf16, 3 fp8 e4m3, 4 fp8 e5m2 (decode_attention_f32's
+                                   * codes); rows of each k/v buffer */
     qm_linear_fn linear;
 } rf_model;
 
@@ -94,6 +96,10 @@ static void store_kv(void *buf, int64_t kv_dtype, const float *src, int64_t stri
         const float *s = src + i * stride;
         if (kv_dtype == 0) {
             memcpy((float *)buf + loc[i] * n, s, sizeof(float) * n);
+        } else if (kv_dtype >= 3) {  /* fp8: one byte per element */
+            uint8_t *o = (uint8_t *)buf + loc[i] * n;
+            if (kv_dtype == 3) for (int64_t j = 0; j < n; j++) o[j] = float_to_e4m3(s[j]);
+            else for (int64_t j = 0; j < n; j++) o[j] = float_to_e5m2(s[j]);
         } else {
             uint16_t *o = (uint16_t *)buf + loc[i] * n;
             if (kv_dtype == 1) for (int64_t j = 0; j < n; j++) o[j] = float_to_half(s[j]);

@@ -6,11 +6,12 @@
       x (M, hidden) embedded tokens in, the last layer's output out (in place)
 
 Per layer: input RMSNorm (residual add fused), q/k/v matmul, rope on q and k, k/v stored into the
-pool at out_loc, decode attention over each row's req_to_token slots, o_proj, post-attention
-RMSNorm + residual, gate/up, SiLU-and-multiply, down: the ops of runtime/model/llama.py's
-DecoderLayer on the kernels its Python path calls (rmsnorm_f32, cpu_quant's qm_linear through a
-function pointer, rope_f32, decode_attention_f32, silu_mul_f32), so the result is bitwise that
-path's with the in-place attention kernel. The final norm is the caller's:
+pool at out_loc (fp32, fp16, bf16 or fp8 e4m3 / e5m2: cast byte for byte as torch's .to()),
+decode attention over each row's req_to_token slots, o_proj, post-attention RMSNorm + residual,
+gate/up, SiLU-and-multiply, down: the ops of runtime/model/llama.py's DecoderLayer on the kernels
+its Python path calls (rmsnorm_f32, cpu_quant's qm_linear through a function pointer, rope_f32,
+decode_attention_f32, silu_mul_f32), so the result is bitwise that path's with the in-place
+attention kernel. The final norm is the caller's:
 norm(x + residual). Weights are handed to qm_linear as opaque pointers (QuantWeight's qs, d, m).
 
 Optional timing: `step.timing = True` makes each run add its nanoseconds in matmuls and in
@@ -28,7 +29,8 @@ import torch
 from radixflow.kernels import cpu_ext, cpu_quant
 from radixflow.kernels.cpu_quant import QuantWeight
 
-_KV_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# fp32, fp16, bf16, fp8 e4m3 / e5m2: decode_attention_f32's kv_dtype codes, which the step's K/V stores share
+_KV_DTYPES = cpu_ext.KV_DTYPE_CODES
 _MAX_G, _MAX_D = 16, 256  # cpu_decode_attention.c's limits
 _ERRORS = {-1: (ValueError, "a position, slot, request row or key count is out of range"),
            -2: (MemoryError, "scratch allocation failed"),
@@ -110,7 +112,7 @@ class DecodeStep:
         q, kv = heads * head_dim, kv_heads * head_dim
         kb = layers[0].k_buffer
         if kb.dtype not in _KV_DTYPES:
-            raise ValueError(f"KV pool dtype must be fp32, fp16 or bf16, got {kb.dtype}")
+            raise ValueError(f"KV pool dtype must be fp32, fp16, bf16, float8_e4m3fn or float8_e5m2, got {kb.dtype}")
         self._keep = (layers, cos_cache, sin_cache)
         self._layers = (_Layer * len(layers))()
         for i, ly in enumerate(layers):

@@ -162,7 +162,7 @@ def decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
         raise RuntimeError("CPU kernels are not available")
     B, H, D = q.shape
     Hkv = k_buffer.shape[1]
-    kv_dtype = _KV_DTYPES.get(k_buffer.dtype)
+    kv_dtype = KV_DTYPE_CODES.get(k_buffer.dtype)
     for name, t in (("k_buffer", k_buffer), ("v_buffer", v_buffer)):
         if (kv_dtype is None or t.dtype != k_buffer.dtype or t.device.type != "cpu" or not t.is_contiguous()
                 or t.shape[1:] != (Hkv, D)):
@@ -185,7 +185,8 @@ def decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
     return out
 
 
-_KV_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float8_e4m3fn: 3, torch.float8_e5m2: 4}
+KV_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float8_e4m3fn: 3,
+                  torch.float8_e5m2: 4}  # the C kernels' kv_dtype codes
 
 
 def _check_rows(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:

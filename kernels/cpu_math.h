@@ -44,4 +44,47 @@ static inline uint16_t float_to_bf16(float f) {
     return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1)) >> 16);
 }
 
+/* fp32 -> fp8 bits, byte for byte torch's casts (c10 fp8e4m3fn_from_fp32_value and
+ * fp8e5m2_from_fp32_value as of torch 2.13; older releases gave NaN on e4m3 overflow): rounded to
+ * nearest even, subnormals through one fp32 add as in float_to_half, the sign kept (NaN included:
+ * 0x7F | sign). e4m3 (float8_e4m3fn, no infinities) saturates: finite overflow and +-inf give
+ * +-448 (0x7E); e5m2 overflows to +-inf as fp16 does. The readers are cpu_decode_attention.c's
+ * e4m3_to_float / e5m2_to_float. */
+static inline uint8_t float_to_e4m3(float f) {
+    union { float f; uint32_t u; } v = {f}, magic = {.u = 141u << 23};  /* 2^14: aligns subnormals */
+    uint32_t sign = v.u & 0x80000000u;
+    v.u ^= sign;
+    uint8_t o;
+    if (v.u >= 1087u << 20) {                       /* >= 480 (rounds past 448), inf or NaN */
+        o = v.u > 0x7F800000u ? 0x7F : 0x7E;
+    } else if (v.u < 121u << 23) {                  /* below 2^-6: subnormal or zero */
+        v.f += magic.f;
+        o = (uint8_t)(v.u - magic.u);
+    } else {
+        uint32_t odd = (v.u >> 20) & 1;
+        v.u += ((uint32_t)(7 - 127) << 23) + 0x7FFFF + odd;
+        o = (uint8_t)(v.u >> 20);
+        if (o == 0x7F) o = 0x7E;                    /* 464 < |f| < 480 rounds up to the NaN code */
+    }
+    return (uint8_t)(o | (sign >> 24));
+}
+
+static inline uint8_t float_to_e5m2(float f) {
+    union { float f; uint32_t u; } v = {f}, magic = {.u = 134u << 23};  /* 2^7: aligns subnormals */
+    uint32_t sign = v.u & 0x80000000u;
+    v.u ^= sign;
+    uint8_t o;
+    if (v.u >= 143u << 23) {                        /* >= 65536: inf or NaN */
+        o = v.u > 0x7F800000u ? 0x7F : 0x7C;
+    } else if (v.u < 113u << 23) {                  /* below 2^-14: subnormal or zero */
+        v.f += magic.f;
+        o = (uint8_t)(v.u - magic.u);
+    } else {
+        uint32_t odd = (v.u >> 21) & 1;
+        v.u += ((uint32_t)(15 - 127) << 23) + 0xFFFFF + odd;
+        o = (uint8_t)(v.u >> 21);                   /* [61440, 65536) carries into inf (0x7C) */
+    }
+    return (uint8_t)(o | (sign >> 24));
+}
+
 #endif

@@ -1,6 +1,7 @@
 """The fused CPU decode step (kernels/cpu_decode_step.py, runtime/model/fused_decode.py): bitwise
-the Python path's layers on a tiny random model, the same tokens and logprobs on the default
-model (fp16 and fp32 KV, batch 1, ragged batches, a radix-cache hit), and taken only when it applies."""
+the Python path's layers on a tiny random model (every KV pool dtype, its K/V stores byte for byte
+torch's casts), the same tokens and logprobs on the default model (fp16, fp32 and fp8 KV, batch 1,
+ragged batches, a radix-cache hit), and taken only when it applies."""
 
 from __future__ import annotations
 
@@ -51,12 +52,25 @@ def _python_layers(layers: list[LayerWeights], x, pos, loc, r2t, rows, lens, cos
             h, residual = cpu_ext.rms_norm(x, ly.in_norm, EPS, residual)
         qkv = cpu_quant.linear(h, ly.qkv, ly.qkv_bias)
         qk = cpu_ext.rope_(qkv[:, :q + kv].view(T, H + HKV, D), pos, cos, sin)
-        ly.k_buffer.index_copy_(0, loc, qkv[:, q:q + kv].view(T, HKV, D).to(ly.k_buffer.dtype))
-        ly.v_buffer.index_copy_(0, loc, qkv[:, q + kv:].view(T, HKV, D).to(ly.v_buffer.dtype))
+        _set_kv(ly.k_buffer, loc, qkv[:, q:q + kv].view(T, HKV, D))
+        _set_kv(ly.v_buffer, loc, qkv[:, q + kv:].view(T, HKV, D))
         o = cpu_ext.decode_attention(qk[:, :H], ly.k_buffer, ly.v_buffer, r2t, rows, lens, D ** -0.5)
         h, residual = cpu_ext.rms_norm(cpu_quant.linear(o.view(T, q), ly.o), ly.post_norm, EPS, residual)
         x = cpu_quant.linear(cpu_ext.silu_mul(cpu_quant.linear(h, ly.gate_up)), ly.down)
     return x, residual
+
+
+def _set_kv(buf: torch.Tensor, loc: torch.Tensor, x: torch.Tensor) -> None:
+    """KVPool.set_kv's write: torch's cast to the pool dtype; fp8 copied as bytes (no index_copy_)."""
+    x = x.to(buf.dtype)
+    if buf.element_size() == 1:
+        buf, x = buf.view(torch.uint8), x.view(torch.uint8)
+    buf.index_copy_(0, loc, x)
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality of two pool buffers (fp8 included, NaN codes too)."""
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 def _copy(layers: list[LayerWeights]) -> list[LayerWeights]:
@@ -64,18 +78,24 @@ def _copy(layers: list[LayerWeights]) -> list[LayerWeights]:
             for ly in layers]
 
 
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("lens", [[37], [5, 130, 64], [1, 2, 3, 4, 300, 65, 9]])
-def test_step_is_bitwise_the_python_layers(kv_dtype, lens):
+KV_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+@pytest.mark.parametrize("lens,prefix", [([37], 0), ([5, 130, 64], 0), ([1, 2, 3, 4, 300, 65, 9], 0),
+                                         ([100, 71, 140], 70)])
+def test_step_is_bitwise_the_python_layers(kv_dtype, lens, prefix):
+    """prefix: the first `prefix` slots are the same for every row (a radix-cache hit)."""
     layers = _tiny_layers(kv_dtype)
     cos, sin = _rope_cache()
     M = len(lens)
     r2t = torch.zeros(M + 2, 320, dtype=torch.int32)
-    perm = torch.randperm(399, generator=torch.Generator().manual_seed(1)) + 1
-    at = 0
+    perm = (torch.randperm(399, generator=torch.Generator().manual_seed(1)) + 1).to(torch.int32)
+    at = prefix
     for i, n in enumerate(lens):  # row i + 1 holds request i's slots, scattered over the pool
-        r2t[i + 1, :n] = perm[at:at + n].to(torch.int32)
-        at += n
+        r2t[i + 1, :prefix] = perm[:prefix]
+        r2t[i + 1, prefix:n] = perm[at:at + n - prefix]
+        at += n - prefix
     rows = torch.arange(1, M + 1)
     seq = torch.tensor(lens)
     pos, loc = seq - 1, r2t[rows, seq - 1].long()
@@ -88,8 +108,55 @@ def test_step_is_bitwise_the_python_layers(kv_dtype, lens):
     got_res = step.run(got_x, pos, loc, r2t, rows, seq, torch.get_num_threads(), 1, cpu_quant.INT_MAX_M)
     assert torch.equal(got_x, want_x) and torch.equal(got_res, want_res)
     for a, b in zip(layers, ref):  # the new tokens' K/V, rounded to the pool's dtype as torch rounds
-        assert torch.equal(a.k_buffer, b.k_buffer) and torch.equal(a.v_buffer, b.v_buffer)
+        assert _same_bytes(a.k_buffer, b.k_buffer) and _same_bytes(a.v_buffer, b.v_buffer)
     assert step.matmul_ns > 0 and step.attention_ns > 0
+
+
+def _cast_sweep() -> torch.Tensor:
+    """fp32 values where a cast to fp8 can go wrong: every finite fp8 value of either format, the
+    ties between neighbours and one ulp either side of them (subnormals and the top of the range
+    included), overflow, +-inf, NaNs of either sign, and random bit patterns (every exponent)."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    inf = torch.tensor(float("inf"))
+    vals = []
+    for dt in (torch.float8_e4m3fn, torch.float8_e5m2):
+        f = codes.view(dt).float()
+        f = torch.cat([f[f.isfinite()], torch.tensor([480.0, 65536.0])]).unique()  # sorted; one past the top
+        mid = (f[1:] + f[:-1]) / 2  # exact in fp32
+        vals += [f, mid, torch.nextafter(mid, inf), torch.nextafter(mid, -inf)]
+    specials = torch.tensor([0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00000, 0x7F800001, 0xFFFFFFFF, 0x80000001,
+                             0x00000001, 0x7F7FFFFF], dtype=torch.int64).to(torch.int32).view(torch.float32)
+    bits = torch.randint(-2**31, 2**31, (512,), generator=torch.Generator().manual_seed(3), dtype=torch.int64)
+    vals += [specials, 1e30 * torch.tensor([1.0, -1.0]), bits.to(torch.int32).view(torch.float32)]
+    v = torch.cat(vals)
+    return torch.cat([v, -v])
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_step_stores_fp8_bytes_as_torch_casts(kv_dtype):
+    """V = the q/k/v bias (the weights zero): the step's fp8 stores are byte for byte the Python
+    path's torch cast (e4m3 saturates at +-448, e5m2 overflows to +-inf, NaN keeps its sign) over
+    _cast_sweep, 32 values a step through the bias, changed in place (one layer: a NaN or inf V
+    makes the next layer's input NaN, and 0 * NaN is no longer the bias)."""
+    ly = _tiny_layers(kv_dtype, n_layers=1)[0]
+    zero = cpu_quant.quantize(torch.zeros(ly.qkv.shape), "int4")
+    ly = LayerWeights(**{**ly.__dict__, "qkv": zero, "qkv_bias": ly.qkv_bias.clone()})
+    cos, sin = _rope_cache()
+    step = DecodeStep([ly], H, HKV, D, EPS, cos, sin)
+    vals, kv = _cast_sweep(), HKV * D
+    r2t = torch.arange(1, 321, dtype=torch.int32).view(1, 320)
+    row = torch.zeros(1, dtype=torch.int64)
+    for n, chunk in enumerate(vals.split(kv), start=1):  # step n: slot n, keys 1..n
+        ly.qkv_bias[-chunk.numel():] = chunk
+        loc = torch.tensor([n])
+        ref = _copy([ly])
+        x = torch.randn(1, HIDDEN, generator=torch.Generator().manual_seed(n))
+        _python_layers(ref, x.clone(), loc - 1, loc, r2t, row, loc, cos, sin)
+        step.run(x, loc - 1, loc, r2t, row, loc, 1, 1, cpu_quant.INT_MAX_M)
+        assert _same_bytes(ly.v_buffer[n], ref[0].v_buffer[n]) and _same_bytes(ly.k_buffer[n], ref[0].k_buffer[n])
+        got, want = ly.v_buffer[n].view(-1)[-chunk.numel():], chunk.to(kv_dtype)
+        nz = chunk != 0  # V is the bias itself (0 + -0 may come out +0)
+        assert _same_bytes(got[nz], want[nz])
 
 
 def test_step_rejects_out_of_range_indices_before_writing():
@@ -106,8 +173,8 @@ def test_step_rejects_out_of_range_indices_before_writing():
         step.run(torch.randn(1, HIDDEN + 1), one, one, r2t, one, one, 1, 1, 8)
     with pytest.raises(ValueError, match="unsupported shape"):
         DecodeStep(layers, 3, HKV, D, EPS, *_rope_cache(64))
-    with pytest.raises(ValueError, match="KV pool dtype"):  # fp8 pools keep the Python path
-        DecodeStep(_tiny_layers(torch.float8_e4m3fn), H, HKV, D, EPS, *_rope_cache(64))
+    with pytest.raises(ValueError, match="KV pool dtype"):  # one the attention kernel does not read
+        DecodeStep(_tiny_layers(torch.float64), H, HKV, D, EPS, *_rope_cache(64))
 
 
 def test_backend_defers_the_decode_plan_of_small_batches():
@@ -140,10 +207,14 @@ PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time, in a la
 SHARED = " ".join(["The quick brown fox jumps over the lazy dog."] * 12)  # ~130 tokens: a cascade prefix
 
 
-@pytest.fixture(scope="module", params=["float16", "float32"])
+@pytest.fixture(scope="module", params=["float16", "float32", "fp8_e4m3", "fp8_e5m2"])
 def qengine(request, default_model_path):
+    """The quantized default model; float16 is the CPU's "auto" KV dtype."""
     eng = Engine(default_model_path, max_total_tokens=2048, max_running_requests=4,
-                 kv_cache_dtype=request.param if request.param == "float32" else "auto")
+                 kv_cache_dtype="auto" if request.param == "float16" else request.param)
+    want = {"float16": torch.float16, "float32": torch.float32, "fp8_e4m3": torch.float8_e4m3fn,
+            "fp8_e5m2": torch.float8_e5m2}[request.param]
+    assert eng.scheduler.runner.kv_pool.dtype == want
     yield eng
     eng.shutdown()
 

@@ -10,7 +10,8 @@ applies when:
     batches keep the Python path, whose attention reads a shared prefix once: the cascade);
   - every linear of every layer is quantized (`_qw`) and not tensor-parallel (no `tp`), the model
     runs neither the Triton kernels nor fused rope;
-  - the attention backend is the torch one reading K/V in place with the C kernel.
+  - the attention backend is the torch one reading K/V in place with the C kernel (a pool of any
+    dtype that kernel reads: fp32, fp16, bf16, fp8 e4m3 / e5m2).
 The embedding, the final norm and the LM head stay with the model. The pointer table is built on
 the first step that applies and kept on the model (`_fused_decode`) until the backend or the rope
 cache changes.

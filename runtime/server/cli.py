@@ -84,7 +84,8 @@ _HELP = {
                       "local port)",
     "dist_timeout": "seconds a rank may wait for another before it fails",
     "kv_cache_dtype": "KV cache element type: auto (float16 on CPU, the model dtype on CUDA) | float32 | float16 "
-                      "| bfloat16 | fp8_e4m3 | fp8_e5m2 (a quarter of float32, saturating casts without scales)",
+                      "| bfloat16 | fp8_e4m3 | fp8_e5m2 (a quarter of float32, no scales: e4m3 saturates at 448, "
+                      "e5m2 overflows past 57344)",
 }
 _API_KEY_ENV = "RADIXFLOW_API_KEY"
 
