@@ -104,7 +104,9 @@ def measure(system: str, num: int, batch: int, seed: int) -> dict:
         return {"dt": dt, "batch1": batch1_decode_radixflow(path), "info": f"{gemm} matmuls"}
     import transformers
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    from radixflow.runtime.loading.default_model import ensure_fp32_weights
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ensure_fp32_weights(path), dtype=torch.float32).eval()
     return {"dt": run_hf(hf, prompts, outs, batch), "batch1": batch1_decode_hf(hf),
             "info": f"torch {torch.__version__}"}
 

@@ -22,6 +22,15 @@ def default_model_path() -> str:
 
 
 @pytest.fixture(scope="session")
+def fp32_model_path(default_model_path: str) -> str:
+    """The default model's folder with its fp32 model.safetensors (written on first use): for
+    transformers and the tests that read the weights."""
+    from radixflow.runtime.loading.default_model import ensure_fp32_weights
+
+    return ensure_fp32_weights(default_model_path)
+
+
+@pytest.fixture(scope="session")
 def engine(default_model_path: str):
     """One in-process Engine on the default model for the whole session: fp32 weights and KV
     (the path the Hugging Face parity tests compare; tests/test_quant_model.py runs the quantized one)."""

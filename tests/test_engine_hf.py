@@ -40,8 +40,8 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def hf_model(default_model_path):
-    m = transformers.AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32)
+def hf_model(fp32_model_path):
+    m = transformers.AutoModelForCausalLM.from_pretrained(fp32_model_path, dtype=torch.float32)
     return m.eval()
 
 

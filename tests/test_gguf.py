@@ -143,10 +143,10 @@ def test_converted_config(model_dir: Path) -> None:
     assert tok_config["eos_token"] == "<|im_end|>" and "<|im_start|>" in tok_config["chat_template"]
 
 
-def test_converted_weights(model_dir: Path, gguf_reader: GGUFReader) -> None:
+def test_converted_weights(fp32_model_path: str, gguf_reader: GGUFReader) -> None:
     from safetensors import safe_open
 
-    with safe_open(str(model_dir / "model.safetensors"), framework="np") as f:
+    with safe_open(str(Path(fp32_model_path) / "model.safetensors"), framework="np") as f:
         names = set(f.keys())
         assert "lm_head.weight" not in names  # tied
         assert len(names) == 2 + 30 * 9
@@ -161,14 +161,14 @@ def test_converted_weights(model_dir: Path, gguf_reader: GGUFReader) -> None:
     np.testing.assert_array_equal(k, unpermute_qk(gguf_k, 3))
 
 
-def test_transformers_loads_converted_model_and_generates(model_dir: Path) -> None:
+def test_transformers_loads_converted_model_and_generates(fp32_model_path: str) -> None:
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from radixflow.runtime.text.tokenizer import Tokenizer
 
-    model = transformers.LlamaForCausalLM.from_pretrained(str(model_dir)).eval()
+    model = transformers.LlamaForCausalLM.from_pretrained(fp32_model_path).eval()
     assert model.model.embed_tokens.weight.data_ptr() == model.lm_head.weight.data_ptr()
-    tok = Tokenizer.from_pretrained(model_dir)
+    tok = Tokenizer.from_pretrained(fp32_model_path)
     ids = torch.tensor([tok.encode("The capital of France is")])
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=6, do_sample=False)
@@ -332,7 +332,7 @@ def test_convert_round_trip_matches_transformers(tmp_path: Path, gguf_reader: GG
     computes the same logits from the converted folder as from the original model."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from radixflow.runtime.loading.gguf import convert_gguf_to_hf, read_metadata
+    from radixflow.runtime.loading.gguf import convert_gguf_to_hf, read_metadata, write_fp32_weights
 
     meta = read_metadata(gguf_reader)
     vocab = len(meta["tokenizer.ggml.tokens"])
@@ -365,6 +365,8 @@ def test_convert_round_trip_matches_transformers(tmp_path: Path, gguf_reader: GG
 
     _write_tiny_llama_gguf(tmp_path / "tiny.gguf", weights, cfg, meta)
     convert_gguf_to_hf(tmp_path / "tiny.gguf", tmp_path / "hf", progress=False)
+    assert not (tmp_path / "hf" / "model.safetensors").exists()  # written apart, when needed
+    write_fp32_weights(tmp_path / "tiny.gguf", tmp_path / "hf" / "model.safetensors", progress=False)
 
     from safetensors.numpy import load_file
 

