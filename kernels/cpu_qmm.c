@@ -64,6 +64,7 @@ typedef struct {
     const float *xd;       /* (M, nb) dx */
     const float *xs;       /* (M, nb) dx * sum(qx) */
     const float *xs2;      /* (M, nb, 2) dx * sum(qx) over each half of the block (kind 6) */
+    const int16_t *xq;     /* AVX2 and kind 8 only: (M, K) the quantized activations whole */
     float *panels;         /* fp32 path: one (K, NR) panel per thread */
 } qm_args;
 
@@ -81,6 +82,7 @@ typedef struct {
     int64_t ldx, M, K;
     int8_t *xh, *xl;
     float *xd, *xs, *xs2;
+    int16_t *xq; /* NULL, or (M, K): also keep q whole (256 h + l) */
 } qx_args;
 
 /* One block of 32: dx = amax / QMAX, q = rint(x / dx) (the CPU's round-to-nearest-even, as
@@ -136,6 +138,11 @@ static void quantize_part(void *p, int t, int T) {
             a->xs[i * nb + b] = dx * (float)(sums[0] + sums[1]);
             a->xs2[2 * (i * nb + b)] = dx * (float)sums[0];
             a->xs2[2 * (i * nb + b) + 1] = dx * (float)sums[1];
+            if (a->xq) {
+                const int8_t *h = a->xh + i * a->K + b * QK, *l = a->xl + i * a->K + b * QK;
+                int16_t *q = a->xq + i * a->K + b * QK;
+                for (int j = 0; j < QK; j++) q[j] = (int16_t)(256 * h[j] + l[j]);
+            }
         }
     }
 }
@@ -294,6 +301,25 @@ static inline __attribute__((always_inline)) __m256 dot256(const __m256i w[8], i
     return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(sh, 8), sl));
 }
 
+/* Kind 8: the integer dot products of 8 rows (tile bytes `t`: vector j's rows 8 half ..) with
+ * 32 activations q, as int16 x int16 pairs (pmaddwd; |w q| sums stay far below 2^31): about half
+ * the instructions of the pmaddubsw sign trick on h and l. */
+static inline __attribute__((always_inline)) __m256 dot8_256(const uint8_t *t, const int16_t *q) {
+    __m256i s03 = _mm256_setzero_si256(), s47 = _mm256_setzero_si256();
+    for (int j = 0; j < 8; j++) {
+        int64_t qj;
+        memcpy(&qj, q + 4 * j, 8);
+        __m256i xv = _mm256_set1_epi64x(qj);  /* q[4j .. 4j + 3] in every row's 4 int16 */
+        __m256i w03 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(t + 64 * j)));       /* rows 0-3 */
+        __m256i w47 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(t + 64 * j + 16)));  /* rows 4-7 */
+        s03 = _mm256_add_epi32(s03, _mm256_madd_epi16(w03, xv));
+        s47 = _mm256_add_epi32(s47, _mm256_madd_epi16(w47, xv));
+    }
+    /* two pair sums per row: hadd gives rows 0 1 4 5 | 2 3 6 7 */
+    __m256i s = _mm256_hadd_epi32(s03, s47);
+    return _mm256_cvtepi32_ps(_mm256_permutevar8x32_epi32(s, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7)));
+}
+
 static inline __attribute__((always_inline)) void int_group(const qm_args *a, int64_t g, int64_t r, const int R,
                                                             float *out) {
     __m256 acc[IR][2];
@@ -305,9 +331,20 @@ static inline __attribute__((always_inline)) void int_group(const qm_args *a, in
     const int sgn = kind == 8;
     for (int64_t b = 0; b < nb; b++, tile += tb) {
         for (int half = 0; half < 2; half++) { /* rows 8 half .. 8 half + 7 */
+            const uint16_t *ds = dg + b * spt + 8 * half, *ms = mg ? mg + b * spt + 8 * half : NULL;
+            if (kind == 8) { /* 16-bit activations whole against sign-extended weights: pmaddwd */
+                __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)ds));
+                __m256 mv = ms ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)ms)) : _mm256_setzero_ps();
+                for (int i = 0; i < R; i++) {
+                    __m256 dot = dot8_256(tile + 32 * half, a->xq + (r + i) * a->K + b * QK);
+                    float dx = a->xd[(r + i) * nb + b], xs = a->xs[(r + i) * nb + b];
+                    acc[i][half] = _mm256_fmadd_ps(dv, _mm256_mul_ps(dot, _mm256_set1_ps(dx)), acc[i][half]);
+                    if (ms) acc[i][half] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs), acc[i][half]);
+                }
+                continue;
+            }
             __m256i w[8];
             load_tile256(kind, tile, half, w);
-            const uint16_t *ds = dg + b * spt + 8 * half, *ms = mg ? mg + b * spt + 8 * half : NULL;
             if (kind == 6) { /* a scale and min per half of the block (k): weights 16 k .. 16 k + 15 */
                 __m256 dv0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)ds));
                 __m256 dv1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ds + 16)));
@@ -528,19 +565,25 @@ static void fp_part(void *p, int t, int T) {
 int QM_FN(qm_linear)(int kind, const float *x, int64_t ldx, int64_t M, const uint8_t *qs, const uint16_t *d,
                      const uint16_t *m, const float *bias, int64_t N, int64_t K, float *y, int64_t ldy,
                      int int_max_m, rf_par par, int threads) {
-    qm_args a = {kind, x, ldx, M, N, K, K / QK, ldy, qs, d, m, bias, y, NULL, NULL, NULL, NULL, NULL, NULL};
+    qm_args a = {kind, x, ldx, M, N, K, K / QK, ldy, qs, d, m, bias, y, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
     int64_t G = (N + NR - 1) / NR;
     int T = G < threads ? (int)G : threads;
     if (T < 1 || !par) T = 1;
     if (M < int_max_m) {
-        int8_t *xb = malloc((size_t)(2 * M * K) + 64);
+#if defined(__AVX2__) && !(defined(__AVX512BW__) && defined(__AVX512VNNI__))
+        const int whole = kind == 8;  /* the AVX2 kind-8 path reads q whole (int16) */
+#else
+        const int whole = 0;
+#endif
+        int8_t *xb = malloc((size_t)((whole ? 4 : 2) * M * K) + 64);
         float *xf = malloc(sizeof(float) * (size_t)(4 * M * a.nb + 1));
         if (!xb || !xf) {
             free(xb);
             free(xf);
             return -1;
         }
-        qx_args qa = {x, ldx, M, K, xb, xb + M * K, xf, xf + M * a.nb, xf + 2 * M * a.nb};
+        qx_args qa = {x, ldx, M, K, xb, xb + M * K, xf, xf + M * a.nb, xf + 2 * M * a.nb,
+                      whole ? (int16_t *)(xb + 2 * M * K) : NULL};
         int TQ = M < 16 || !par ? 1 : threads;  /* rows split among the threads when there are many */
         if (TQ > 1) par(quantize_part, &qa, TQ); else quantize_part(&qa, 0, 1);
         a.xh = xb;
@@ -548,6 +591,7 @@ int QM_FN(qm_linear)(int kind, const float *x, int64_t ldx, int64_t M, const uin
         a.xd = xf;
         a.xs = xf + M * a.nb;
         a.xs2 = xf + 2 * M * a.nb;
+        a.xq = qa.xq;
         if (T > 1) par(int_part, &a, T); else int_part(&a, 0, 1);  /* one caller per pool call */
         free(xb);
         free(xf);
