@@ -29,11 +29,12 @@ import os
 import platform
 import re
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+
+from local_server import serve_argv, start, stop
 
 # llama.cpp's binaries run with the environment as it was before radixflow's import, which sets
 # OMP_WAIT_POLICY=PASSIVE for torch: llama.cpp's OpenMP threads would then sleep between its ops
@@ -240,15 +241,19 @@ def llama_bench_rows(args: argparse.Namespace) -> dict[str, float]:
     return rows
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen) -> None:
+def _start_healthy(cmd: list[str], url: str) -> tuple[subprocess.Popen, str]:
+    """Start a peer's server (llama.cpp's environment) and poll `url`/health until it answers 200;
+    (process, url). It prints no ready line as `radixflow serve` does (local_server.start)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=PEER_ENV)
     for _ in range(900):
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
             if urllib.request.urlopen(f"{url}/health", timeout=1).status == 200:
-                return
+                return proc, url
         except OSError:
             time.sleep(0.2)
+    stop(proc)
     raise RuntimeError(f"{url} did not become healthy")
 
 
@@ -267,14 +272,13 @@ def _tree_rss_mb(pid: int) -> tuple[float, dict[int, float]]:
     return sum(seen.values()), seen
 
 
-def server_rows(cmd: list[str], url: str, body: Callable[[list[int], int], tuple[str, dict]],
-                ids_for: Callable[[int], list[int]], env: dict | None = None) -> tuple[dict, dict]:
-    """Start a server, then over HTTP: decode of 128 tokens at batch 1, 16 concurrent requests and
-    the fan-out. Returns the rows and the server's resident memory (MB) after them."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+def server_rows(launch: Callable[[], tuple[subprocess.Popen, str]], body: Callable[[list[int], int], tuple[str, dict]],
+                ids_for: Callable[[int], list[int]]) -> tuple[dict, dict]:
+    """Start a server (`launch()`: the process, once it serves, and its URL), then over HTTP:
+    decode of 128 tokens at batch 1, 16 concurrent requests and the fan-out. Returns the rows and
+    the server's resident memory (MB) after them."""
+    proc, url = launch()
     try:
-        _wait_healthy(url, proc)
-
         def post(tokens: list[int], n: int) -> None:
             path, payload = body(tokens, n)
             urllib.request.urlopen(urllib.request.Request(f"{url}{path}", json.dumps(payload).encode(),
@@ -299,8 +303,7 @@ def server_rows(cmd: list[str], url: str, body: Callable[[list[int], int], tuple
         total, each = _tree_rss_mb(proc.pid)
         return rows, {"all processes": total, "largest process": max(each.values())}
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        stop(proc)
 
 
 def llama_server_rows(args: argparse.Namespace, ids_for: Callable[[int], list[int]]) -> tuple[dict, dict]:
@@ -311,20 +314,18 @@ def llama_server_rows(args: argparse.Namespace, ids_for: Callable[[int], list[in
     def body(tokens: list[int], n: int) -> tuple[str, dict]:
         return "/completion", {"prompt": tokens, "n_predict": n, "temperature": 0, "cache_prompt": True,
                                "ignore_eos": True}
-    return server_rows(cmd, f"http://127.0.0.1:{port}", body, ids_for, env=PEER_ENV)
+    return server_rows(lambda: _start_healthy(cmd, f"http://127.0.0.1:{port}"), body, ids_for)
 
 
 def radixflow_server_rows(args: argparse.Namespace, ids_for: Callable[[int], list[int]]) -> tuple[dict, dict]:
     """`radixflow serve` on the same GGUF, through HTTP as llama-server is measured."""
-    port = 19000 + os.getpid() % 1000
-    cmd = [sys.executable, "-m", "radixflow.runtime.server.cli", "serve", "--model", args.gguf, "--port", str(port),
-           "--quantization", args.quantization, "--kv-cache-dtype", args.kv_cache_dtype,
-           "--max-running-requests", "16", "--num-threads", str(args.threads)]
+    argv = serve_argv(["--quantization", args.quantization, "--kv-cache-dtype", args.kv_cache_dtype,
+                       "--max-running-requests", "16", "--num-threads", str(args.threads)], args.gguf)
 
     def body(tokens: list[int], n: int) -> tuple[str, dict]:
         return "/generate", {"input_ids": tokens, "sampling_params": {"temperature": 0, "max_new_tokens": n,
                                                                       "ignore_eos": True}}
-    return server_rows(cmd, f"http://127.0.0.1:{port}", body, ids_for)
+    return server_rows(lambda: start(argv, stderr=subprocess.DEVNULL), body, ids_for)
 
 
 # -- main ----------------------------------------------------------------------------------------

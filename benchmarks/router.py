@@ -23,14 +23,12 @@ import argparse
 import asyncio
 import os
 import random
-import signal
-import subprocess
 import sys
-import threading
 import time
 from typing import Any
 
 import httpx
+from local_server import ROUTER_READY, running, serve_argv
 
 WORDS = ("system user data model token cache prefix share agent plan tool answer question memory branch "
          "search result value policy request batch engine fast reuse tree node").split()
@@ -38,19 +36,7 @@ KEY = "bench-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-def start(cmd: list[str], ready: str, timeout: float = 900.0) -> tuple[subprocess.Popen, str]:
-    """Start `radixflow CMD` and wait for its ready line; (process, URL)."""
-    env = {**os.environ, "RADIXFLOW_API_KEY": KEY, "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "radixflow.runtime.server.cli", *cmd], stdout=subprocess.PIPE,
-                            text=True, env=env)
-    line: list[str] = []
-    t = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
-    t.start()
-    t.join(timeout)
-    if not line or not line[0].startswith(ready):
-        proc.kill()
-        raise RuntimeError(f"{cmd[0]} did not start: {line}")
-    return proc, line[0].split(" on ", 1)[1].strip()
+ENV = {**os.environ, "RADIXFLOW_API_KEY": KEY, "TOKENIZERS_PARALLELISM": "false"}
 
 
 def workload(args: argparse.Namespace) -> list[str]:
@@ -101,14 +87,10 @@ def flush(urls: list[str]) -> None:
 
 def serve_and_run(opts: list[str], prompts: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """The workload on one `radixflow serve OPTS` (after a warm-up and a cache flush)."""
-    proc, url = start(["serve", "--port", "0", *opts], "radixflow server ready on")
-    try:
+    with running(serve_argv(opts), env=ENV) as url:
         asyncio.run(run(url, prompts[:2], args))
         flush([url])
         return asyncio.run(run(url, prompts, args))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,24 +110,16 @@ def main(argv: list[str] | None = None) -> int:
     opts = ["--num-threads", str(args.num_threads), "--log-interval", "0", "--log-level", "warning"]
     rows = [("single worker", serve_and_run(["--max-total-tokens", str(args.workers * args.max_total_tokens),
                                              *opts], prompts, args))]
-    dp, dp_url = start(["serve", "--port", "0", "--dp-size", str(args.workers), "--max-total-tokens",
-                        str(args.max_total_tokens), *opts], "radixflow server ready on")
-    try:
+    with running(serve_argv(["--dp-size", str(args.workers), "--max-total-tokens", str(args.max_total_tokens),
+                             *opts]), env=ENV) as dp_url:
         urls = [w["url"] for w in httpx.get(dp_url + "/list_workers", headers=AUTH, trust_env=False).json()["workers"]]
         for u in urls:
             asyncio.run(run(u, prompts[:2], args))  # warm-up (kernels, allocator)
         for policy in ("cache_aware", "round_robin", "random"):
             flush(urls)
-            router, url = start(["router", "--port", "0", "--policy", policy, "--log-level", "warning",
-                                 "--worker-urls", *urls], "radixflow router ready on")
-            try:
+            with running(["router", "--port", "0", "--policy", policy, "--log-level", "warning",
+                          "--worker-urls", *urls], ready=ROUTER_READY, env=ENV) as url:
                 rows.append((f"{args.workers} workers, {policy}", asyncio.run(run(url, prompts, args))))
-            finally:
-                router.send_signal(signal.SIGTERM)
-                router.wait(30)
-    finally:
-        dp.send_signal(signal.SIGTERM)
-        dp.wait(60)
     report(rows, args)
     return 0
 

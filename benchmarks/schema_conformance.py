@@ -30,7 +30,6 @@ import asyncio
 import collections
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any
 
 import httpx
 import jsonschema
+from local_server import running, serve_argv
 
 HARD_CASES: dict[str, dict] = {
     "hard-allOf": {"type": "object", "additionalProperties": False, "required": ["name"],
@@ -79,18 +79,11 @@ def load_schemas(limit: int | None) -> list[tuple[str, dict]]:
     return out[:limit] if limit else out
 
 
-def launch_server(mode: str, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "radixflow.runtime.server.cli", "serve", "--port", "0", "--log-level", "error",
-           "--grammar-backend", mode, "--max-total-tokens", "16384", "--max-running-requests", "32",
-           "--log-interval", "0", "--max-request-bytes", str(16 * 1024 * 1024)]
-    if args.model:
-        cmd += ["--model", args.model]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline().strip()
-    if not line.startswith("radixflow server ready on "):
-        proc.kill()
-        raise SystemExit(f"server failed to start (exit code {proc.wait()})")
-    return proc, line.rsplit(" ", 1)[-1]
+def server_argv(mode: str, args: argparse.Namespace) -> list[str]:
+    """The server of one backend mode."""
+    return serve_argv(["--log-level", "error", "--grammar-backend", mode, "--max-total-tokens", "16384",
+                       "--max-running-requests", "32", "--log-interval", "0",
+                       "--max-request-bytes", str(16 * 1024 * 1024)], args.model)
 
 
 def independent_check(schema: dict, text: str) -> bool:
@@ -289,12 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict]] = json.loads(Path(args.load).read_text()) if args.load else {}
     for mode in [] if args.load else args.modes:
         t0 = time.perf_counter()
-        proc, url = launch_server(mode, args)
-        try:
+        with running(server_argv(mode, args)) as url:
             results[mode] = asyncio.run(run_mode(url, schemas, args))
-        finally:
-            proc.terminate()
-            proc.wait(30)
         print(f"[{mode}: {time.perf_counter() - t0:.0f}s]", file=sys.stderr)
     if args.save:
         Path(args.save).write_text(json.dumps(results))

@@ -21,13 +21,13 @@ import asyncio
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import httpx
+from local_server import running, serve_argv
 
 
 @dataclass
@@ -83,48 +83,47 @@ def make_workload(name: str, n: int, args: argparse.Namespace, rng: random.Rando
 # ---- the server ---------------------------------------------------------------------------------
 
 
-def launch_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "radixflow.runtime.server.cli", "serve", "--port", "0", "--log-level", "warning",
-           "--max-total-tokens", str(args.max_total_tokens), "--max-running-requests", str(args.max_running_requests),
-           "--log-interval", "0"]
-    if args.model:
-        cmd += ["--model", args.model]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline().strip()
-    if not line.startswith("radixflow server ready on "):
-        proc.kill()
-        raise SystemExit(f"server failed to start (exit code {proc.wait()})")
-    return proc, line.rsplit(" ", 1)[-1]
+def server_argv(args: argparse.Namespace) -> list[str]:
+    return serve_argv(["--log-level", "warning", "--max-total-tokens", str(args.max_total_tokens),
+                       "--max-running-requests", str(args.max_running_requests), "--log-interval", "0"], args.model)
+
+
+async def timed(metas: AsyncIterator[dict], t0: float) -> ReqResult:
+    """One streamed request's result from its chunks' meta_info (sent at `t0`): TTFT at the first
+    token, then each chunk's wait spread evenly over the tokens it adds (ITL); ok if it ran to
+    its length, as ignore_eos asks."""
+    res = ReqResult(ok=False)
+    last, seen = t0, 0
+    async for meta in metas:
+        now = time.perf_counter()
+        n = meta["completion_tokens"]
+        if n > seen:
+            if seen == 0:
+                res.ttft = now - t0
+            else:
+                res.itls.extend([(now - last) / (n - seen)] * (n - seen))
+            seen, last = n, now
+        if meta["finish_reason"] is not None:
+            res.ok = meta["finish_reason"]["type"] == "length"
+            res.prompt_tokens, res.cached_tokens, res.output_tokens = meta["prompt_tokens"], meta["cached_tokens"], n
+    res.e2e = time.perf_counter() - t0
+    return res
+
+
+async def _sse_metas(r: httpx.Response) -> AsyncIterator[dict]:
+    async for line in r.aiter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[6:])["meta_info"]
 
 
 async def one_request(client: httpx.AsyncClient, ids: list[int], output_len: int) -> ReqResult:
     body = {"input_ids": ids, "stream": True,
             "sampling_params": {"max_new_tokens": output_len, "temperature": 0.0, "ignore_eos": True}}
-    res = ReqResult(ok=False)
-    t0 = last = time.perf_counter()
-    seen = 0
+    t0 = time.perf_counter()
     async with client.stream("POST", "/generate", json=body) as r:
         if r.status_code != 200:
-            return res
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            now = time.perf_counter()
-            n = chunk["meta_info"]["completion_tokens"]
-            if n > seen:
-                if seen == 0:
-                    res.ttft = now - t0
-                else:
-                    res.itls.extend([(now - last) / (n - seen)] * (n - seen))
-                seen, last = n, now
-            meta = chunk["meta_info"]
-            if meta["finish_reason"] is not None:
-                res.ok = meta["finish_reason"]["type"] == "length"
-                res.prompt_tokens, res.cached_tokens = meta["prompt_tokens"], meta["cached_tokens"]
-                res.output_tokens = n
-    res.e2e = time.perf_counter() - t0
-    return res
+            return ReqResult(ok=False)
+        return await timed(_sse_metas(r), t0)
 
 
 async def run_server(url: str, workload: str, prompts: list[list[int]], conc: int, output_len: int) -> RunResult:
@@ -151,25 +150,9 @@ async def run_offline(engine, workload: str, prompts: list[list[int]], conc: int
 
     async def one(ids: list[int]) -> ReqResult:
         async with sem:
-            res = ReqResult(ok=False)
-            t0 = last = time.perf_counter()
-            seen = 0
-            async for chunk in engine.async_stream(input_ids=ids, sampling_params=params):
-                now = time.perf_counter()
-                meta = chunk["meta_info"]
-                n = meta["completion_tokens"]
-                if n > seen:
-                    if seen == 0:
-                        res.ttft = now - t0
-                    else:
-                        res.itls.extend([(now - last) / (n - seen)] * (n - seen))
-                    seen, last = n, now
-                if meta["finish_reason"] is not None:
-                    res.ok = True
-                    res.prompt_tokens, res.cached_tokens, res.output_tokens = (
-                        meta["prompt_tokens"], meta["cached_tokens"], n)
-            res.e2e = time.perf_counter() - t0
-            return res
+            t0 = time.perf_counter()
+            chunks = engine.async_stream(input_ids=ids, sampling_params=params)
+            return await timed((c["meta_info"] async for c in chunks), t0)
 
     engine.flush_cache()
     t0 = time.perf_counter()
@@ -215,17 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     prompts = {w: make_workload(w, args.num_requests, args, rng) for w in workloads}
 
     rows: list[dict] = []
-    proc, url = launch_server(args)
-    try:
+    with running(server_argv(args)) as url:
         for w in workloads:
             asyncio.run(run_server(url, w, prompts[w][: min(4, args.num_requests)], 4, 4))  # warm-up
             for c in concs:
                 run = asyncio.run(run_server(url, w, prompts[w], c, args.output_len))
                 rows.append(run.row())
                 print(f"  done: {w} server c={c}: {rows[-1]['out_tok_s']:.1f} tok/s", file=sys.stderr)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
 
     if not args.skip_offline:
         from radixflow.runtime.engine import Engine

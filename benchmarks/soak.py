@@ -23,7 +23,6 @@ import json
 import platform
 import random
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -31,6 +30,8 @@ from typing import Any
 
 import httpx
 import psutil
+from local_server import serve_argv, start
+from local_server import stop as stop_server
 
 import radixflow as rf
 
@@ -66,17 +67,8 @@ def cpu_line() -> str:
 
 def launch(args: argparse.Namespace, log: Any) -> tuple[subprocess.Popen, str]:
     """Start the server, its log going to `log`; (process, URL) once it is ready."""
-    cmd = [sys.executable, "-m", "radixflow.runtime.server.cli", "serve", "--port", "0", "--log-level", "warning",
-           "--max-total-tokens", str(args.pool), "--max-running-requests", str(args.max_running),
-           "--log-interval", "0", "--max-n", "4"]
-    if args.model:
-        cmd += ["--model", args.model]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
-    line = proc.stdout.readline().strip()
-    if not line.startswith("radixflow server ready on "):
-        proc.kill()
-        raise SystemExit(f"server failed to start (exit code {proc.wait()})")
-    return proc, line.rsplit(" ", 1)[-1]
+    return start(serve_argv(["--log-level", "warning", "--max-total-tokens", str(args.pool), "--max-running-requests",
+                             str(args.max_running), "--log-interval", "0", "--max-n", "4"], args.model), stderr=log)
 
 
 def server_procs(proc: subprocess.Popen) -> dict[int, psutil.Process]:
@@ -292,8 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                 health = type(e).__name__
     finally:
         stop.set()
-        proc.terminate()
-        proc.wait(30)
+        stop_server(proc, 30)
     if info is None:
         leaked: int | str = "unknown (the server did not answer)"
         info = {"num_running": "?", "num_waiting": "?", "retractions": "?"}

@@ -17,12 +17,12 @@ import collections
 import concurrent.futures
 import json
 import statistics
-import subprocess
 import sys
 import time
 
 import jsonschema
 import openai
+from local_server import serve_argv, start, stop
 from soak import cpu_line
 
 TOOLS = {
@@ -74,13 +74,7 @@ def main() -> None:
     proc = None
     url = args.url
     if url is None:
-        proc = subprocess.Popen([sys.executable, "-m", "radixflow.runtime.server.cli", "serve", "--port", "0",
-                                 "--api-key", args.api_key, "--log-level", "warning"],
-                                stdout=subprocess.PIPE, text=True)
-        line = proc.stdout.readline().strip()
-        if not line.startswith("radixflow server ready on "):
-            raise SystemExit(f"server failed to start: {line!r}")
-        url = line.rsplit(" ", 1)[1]
+        proc, url = start(serve_argv(["--api-key", args.api_key, "--log-level", "warning"]))
     client = openai.OpenAI(base_url=url + "/v1", api_key=args.api_key, max_retries=0, timeout=600)
     stats: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     latencies = []
@@ -105,8 +99,7 @@ def main() -> None:
                         print(f"INVALID {c.function.name}: {c.function.arguments!r}: {e}", file=sys.stderr)
     finally:
         if proc is not None:
-            proc.terminate()
-            proc.wait(30)
+            stop(proc, 30)
     wall = time.perf_counter() - t0
     print(cpu_line())
     print(f"{args.requests} chat completions, tool_choice=required, temperature 0.8, 8 concurrent, {wall:.1f} s\n")

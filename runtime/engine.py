@@ -52,7 +52,8 @@ class Engine:
         self._inbox: queue.Queue = queue.Queue()
         self._burst = BurstCollector(self._inbox, self.config.arrival_gap_ms)
         self._sinks: dict[str, Sink] = {}
-        self._closed = False
+        self._closed = False  # no new calls: shut down, or the scheduler failed
+        self._shut_down = False
         self._failure = "the engine has been shut down"
         self._thread = threading.Thread(target=self._loop, name="radixflow-scheduler", daemon=True)
         self._thread.start()
@@ -157,14 +158,14 @@ class Engine:
         self._call(self.scheduler.check_invariant)
 
     def shutdown(self) -> None:
-        if self._closed:
+        """Stop the scheduler thread (aborting what runs) and release the scheduler's threads and
+        ranks; idempotent, and also after the scheduler failed."""
+        if self._shut_down:
             return
-        self._closed = True
+        self._shut_down = self._closed = True
         self._inbox.put(Stop())
         self._thread.join(timeout=30)
-        close = getattr(self.scheduler.runner, "close", None)
-        if close is not None:  # tensor parallel: stop the other ranks
-            close()
+        self.scheduler.close()
 
     def __enter__(self) -> Engine:
         return self

@@ -496,6 +496,69 @@ def test_grammar_manager_wakes_its_loop_when_a_choice_is_made_and_at_the_deadlin
         assert req.finish_reason["message"] == "grammar compilation took longer than 1s"
     finally:
         release.set()
+        manager.close()
+
+
+def _grammar_threads() -> set:
+    """The live threads of grammar managers and backends (deadline alarm, choice and compile pools)."""
+    import threading
+
+    return {t for t in threading.enumerate() if t.name.startswith("grammar")}
+
+
+def _wait_gone(threads: set, timeout: float = 5.0) -> set:
+    """`threads` still alive after up to `timeout` s."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return {t for t in threads if t.is_alive()}
+
+
+def test_closing_the_grammar_manager_ends_its_threads(default_model_path):
+    """After `close()` the deadline thread (started by the first constrained request) and the
+    manager's pools are gone, within a short wait; a later deadline starts no thread."""
+    import threading
+    import time
+
+    from radixflow.runtime.config import EngineConfig
+    from radixflow.runtime.req import Req
+    from radixflow.runtime.sampling_params import SamplingParams
+    from radixflow.runtime.scheduler.grammar_manager import GrammarManager
+
+    before = _grammar_threads()
+    woken = threading.Semaphore(0)
+    manager = GrammarManager(EngineConfig(grammar_compile_timeout=60.0), str(default_model_path), 49152, [2],
+                             tokenizer=None, wake=woken.release)
+    manager.submit(Req("r", [1, 2], SamplingParams(regex="(a|b)c", max_new_tokens=4)))
+    deadline = time.monotonic() + 60
+    while not manager.poll() and time.monotonic() < deadline:  # chosen, then compiled
+        woken.acquire(timeout=1)
+    alarm = manager._alarm._thread
+    assert alarm is not None and alarm.is_alive()  # waiting for the 60 s deadline
+    mine = _grammar_threads() - before
+    manager.close()
+    assert not _wait_gone(mine), "grammar threads outlived close()"
+    manager._alarm.add(time.monotonic())
+    assert manager._alarm._thread is alarm and not alarm.is_alive()
+
+
+def test_engine_shutdown_ends_the_grammar_deadline_thread(default_model_path):
+    """An engine that served a constrained request leaves no grammar thread behind its shutdown."""
+    from radixflow.runtime.engine import Engine
+
+    before = _grammar_threads()
+    eng = Engine(default_model_path, max_total_tokens=1024, max_running_requests=2)
+    try:
+        out = eng.generate("Answer: ", {"regex": "(yes|no)", "max_new_tokens": 4, "temperature": 0})
+        assert out["text"] in ("yes", "no")
+        alarm = eng.scheduler.grammar._alarm._thread
+        assert alarm is not None and alarm.is_alive()
+        mine = _grammar_threads() - before
+    finally:
+        eng.shutdown()
+    assert alarm in mine and not _wait_gone(mine), "grammar threads outlived Engine.shutdown()"
 
 
 class _LoopDone(BaseException):

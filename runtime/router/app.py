@@ -8,15 +8,13 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.responses import Response
 
 from radixflow.runtime.router.fleet import fleet_routes
 from radixflow.runtime.router.keys import routing_text
-from radixflow.runtime.router.state import RouterState, read_body
+from radixflow.runtime.router.state import RouterState
 from radixflow.runtime.server.guard import RequestGuard
-from radixflow.runtime.server.request_state import APIError
-from radixflow.runtime.server.sse import error_response
+from radixflow.runtime.server.sse import add_error_handlers, read_body
 
 logger = logging.getLogger("radixflow.router")
 
@@ -30,19 +28,7 @@ def build_router_app(state: RouterState) -> FastAPI:
     app.add_middleware(RequestGuard, args=state.args.guard_args())
     _routed(app, state)
     fleet_routes(app, state)
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        if exc.status >= 500:
-            logger.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
-        return error_response(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return error_response(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
-                                       "invalid_request_error", code))
-
+    add_error_handlers(app, logger)
     return app
 
 

@@ -8,8 +8,6 @@ The ready line is the server's (`radixflow server ready on URL`)."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
 import os
 import signal
@@ -17,13 +15,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
+from radixflow.runtime.child_process import die_with_parent, preload
 from radixflow.runtime.config import EngineConfig
 from radixflow.runtime.router.args import RouterArgs
 from radixflow.runtime.server.args import ServerArgs
 
 _READY = "radixflow server ready on "
-_PR_SET_PDEATHSIG = 1
 _NOT_PASSED = {"engine", "host", "port", "api_key"}
 
 
@@ -84,13 +83,13 @@ class _Worker:
                 self.proc.wait()
 
 
-def _die_with_parent(parent_pid: int):  # noqa: ANN202 — a preexec_fn
+def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+    """A `preexec_fn`: the worker gets SIGTERM (it then stops its own children in order) when
+    this process dies, and leaves ^C to us."""
+    preload()
+
     def preexec() -> None:
-        if sys.platform.startswith("linux"):
-            with contextlib.suppress(OSError):
-                ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent_pid:
-            os._exit(1)
+        die_with_parent(parent_pid, signal.SIGTERM)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C: we stop the workers in order
 
     return preexec

@@ -10,8 +10,9 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from radixflow.runtime.router.state import RouterState, fan_out, json_of, read_body
+from radixflow.runtime.router.state import RouterState, fan_out, json_of
 from radixflow.runtime.server.request_state import APIError, bad_request
+from radixflow.runtime.server.sse import read_body
 
 _SUMMED = ("num_running", "num_waiting", "pool_size", "free_slots", "evictable_slots", "in_flight_requests",
            "prompt_tokens", "computed_prompt_tokens", "cached_tokens")

@@ -20,7 +20,7 @@ from radixflow.runtime.router.policy import make_policy
 from radixflow.runtime.router.proxy import Forwarder
 from radixflow.runtime.router.state import RouterState
 from radixflow.runtime.router.workers import WorkerPool
-from radixflow.runtime.server.serve import bind_listen_socket, header_timeout_protocol, run_until_stopped
+from radixflow.runtime.server.serve import announce_ready, bind_listen_socket, run_until_stopped, uvicorn_server
 
 logger = logging.getLogger("radixflow.router")
 
@@ -49,8 +49,6 @@ def run_router(args: RouterArgs, ready_prefix: str = ROUTER_READY,
 
 async def _serve(args: RouterArgs, sock: socket.socket, ready_prefix: str, stopped: Callable[[], str | None],
                  watch: Callable[[], str | None] | None) -> int:
-    import uvicorn
-
     timeout = httpx.Timeout(args.request_timeout, connect=args.health_timeout)
     limits = httpx.Limits(max_connections=2048, max_keepalive_connections=256)
     async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
@@ -60,21 +58,12 @@ async def _serve(args: RouterArgs, sock: socket.socket, ready_prefix: str, stopp
         await pool.check_all(client)
         policy = make_policy(args)
         state = RouterState(args, pool, policy, Forwarder(args, pool, policy, client), RouterMetrics(pool), client)
-        for lg in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-            logging.getLogger(lg).setLevel(max(logging.WARNING, logging.getLevelName(args.log_level.upper())))
-        server = uvicorn.Server(uvicorn.Config(build_router_app(state), log_config=None, access_log=False,
-                                               lifespan="off", timeout_graceful_shutdown=3, timeout_keep_alive=30,
-                                               http=header_timeout_protocol(args.header_timeout)))
+        server = uvicorn_server(build_router_app(state), args.log_level, args.header_timeout)
         exit_code = 0
 
         async def supervise() -> None:
             nonlocal exit_code
-            while not server.started and not server.should_exit:
-                await asyncio.sleep(0.02)
-            if server.started:
-                host, port = sock.getsockname()[:2]
-                shown = f"[{host}]" if ":" in host else host
-                print(f"{ready_prefix} http://{shown}:{port}", flush=True)
+            await announce_ready(server, sock, ready_prefix)
             while not server.should_exit:
                 if stopped() is not None:
                     server.should_exit = True

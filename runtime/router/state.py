@@ -1,5 +1,5 @@
-"""What the router's routes share: `RouterState`, reading a raw body, and sending one request
-to every healthy worker (`fan_out`)."""
+"""What the router's routes share: `RouterState` and sending one request to every healthy worker
+(`fan_out`). Bodies are read by the server's `sse.read_body`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from radixflow.runtime.router.metrics import RouterMetrics
 from radixflow.runtime.router.policy import Policy
 from radixflow.runtime.router.proxy import Forwarder
 from radixflow.runtime.router.workers import WorkerPool
-from radixflow.runtime.server.request_state import APIError
 
 
 @dataclass
@@ -29,17 +28,6 @@ class RouterState:
     metrics: RouterMetrics
     client: httpx.AsyncClient
 
-
-
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The raw request body; APIError 413 past `max_bytes`."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise APIError(413, f"request body larger than {max_bytes} bytes", code="request_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 async def fan_out(state: RouterState, request: Request, method: str, path: str,

@@ -82,6 +82,15 @@ class GrammarManager:
     def pending(self) -> int:
         return len(self.waiting)
 
+    def close(self) -> None:
+        """Stop this manager's threads: the deadline alarm (joined), the backend-choice pool and
+        each backend's compile pool (queued work cancelled, running compiles left to finish on
+        their own). Idempotent; the manager takes no requests after it."""
+        self._alarm.close()
+        self._choices.shutdown(wait=False, cancel_futures=True)
+        for backend in self.backends.values():
+            backend.shutdown()
+
     def only_compiling(self) -> bool:
         """True when every waiting request is still being chosen or compiled before its deadline:
         `poll` would return nothing until `wake` is called."""
@@ -217,26 +226,43 @@ class GrammarManager:
 
 class _Alarm:
     """Calls `fire()` at each time `add`ed (time.monotonic()), from one daemon thread started on
-    the first `add`: deadlines of requests that may have left since only cause a spare wake."""
+    the first `add`: deadlines of requests that may have left since only cause a spare wake.
+    `close()` ends the thread (it is the scheduler's: a server or engine that stops must not
+    leave it waiting, and an engine made per test would add one each)."""
 
     def __init__(self, fire: Callable[[], None]) -> None:
         self._fire = fire
         self._times: list[float] = []  # a heap
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._closed = False
 
     def add(self, when: float) -> None:
         with self._cond:
+            if self._closed:
+                return
             heapq.heappush(self._times, when)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="grammar-deadlines", daemon=True)
                 self._thread.start()
             self._cond.notify()
 
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread and wait for it (at most `timeout` s); later `add`s are ignored."""
+        with self._cond:
+            self._closed = True
+            self._times.clear()
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._times or self._times[0] > time.monotonic():
+                while not self._closed and (not self._times or self._times[0] > time.monotonic()):
                     self._cond.wait(self._times[0] - time.monotonic() if self._times else None)
+                if self._closed:
+                    return
                 heapq.heappop(self._times)
             self._fire()

@@ -164,6 +164,15 @@ class Scheduler:
         if self.grammar is not None:
             self.grammar.wake = wake
 
+    def close(self) -> None:
+        """Release what outlives a stopped loop: the grammar threads and the runner's resources
+        (a tensor-parallel runner stops its other ranks). Call once the loop no longer steps."""
+        if self.grammar is not None:
+            self.grammar.close()
+        close = getattr(self.runner, "close", None)  # optional in the runner contract
+        if close is not None:
+            close()
+
     def only_compiling(self) -> bool:
         """True when the only work is grammars still compiling and a wakeup is set: a step would
         only poll them, so the loop may sleep until its wakeup (or a message) instead of spinning."""

@@ -15,8 +15,6 @@ with their parent: PR_SET_PDEATHSIG on Linux, plus a parent-pid check in their l
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import multiprocessing as mp
 import os
@@ -30,9 +28,9 @@ from typing import Any
 
 import zmq
 
-logger = logging.getLogger(__name__)
+from radixflow.runtime.child_process import die_with_parent
 
-_PR_SET_PDEATHSIG = 1
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -95,13 +93,8 @@ def connect_push(ctx: zmq.Context, addr: str) -> zmq.Socket:
 def prepare_child(parent_pid: int, log_level: str = "info") -> None:
     """Call first in a child: die with the parent, leave SIGINT to the parent, set up logging.
     Exits at once if the parent is already gone."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C: the parent stops us in order
-    if os.getppid() != parent_pid:
-        os._exit(1)
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(processName)s %(levelname)s %(message)s")
 

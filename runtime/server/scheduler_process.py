@@ -106,7 +106,7 @@ def run_scheduler_process(config: EngineConfig, model_path: str, in_addr: str, o
     try:
         _serve(sched, pull, push, _StepLogger(log_interval), parent_pid)
     finally:
-        sched.runner.close()
+        sched.close()
 
 
 def _serve(sched: Any, pull: zmq.Socket, push: zmq.Socket, step_log: _StepLogger, parent_pid: int) -> None:

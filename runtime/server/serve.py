@@ -16,9 +16,13 @@ import signal
 import socket
 import sys
 import tempfile
+from typing import TYPE_CHECKING, Any
 
 from radixflow.runtime.server.args import ServerArgs
 from radixflow.runtime.server.launch import ChildProcesses, IpcAddresses, abstract_ipc_supported
+
+if TYPE_CHECKING:
+    import uvicorn
 
 logger = logging.getLogger("radixflow.server")
 
@@ -106,8 +110,6 @@ def run_until_stopped(coro) -> int:
 
 async def _serve(args: ServerArgs, model_path: str, tokenizer, addrs: IpcAddresses, sched_info: dict,
                  children: ChildProcesses, sock: socket.socket, signals: list[int]) -> int:
-    import uvicorn
-
     from radixflow.runtime.server.app import build_app
     from radixflow.runtime.server.tokenizer_manager import TokenizerManager
 
@@ -115,21 +117,12 @@ async def _serve(args: ServerArgs, model_path: str, tokenizer, addrs: IpcAddress
     tm.start()
     name = args.served_model_name or os.path.basename(os.path.normpath(model_path))
     app = build_app(tm, args, name)
-    for lg in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        logging.getLogger(lg).setLevel(max(logging.WARNING, logging.getLevelName(args.log_level.upper())))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
-                                           timeout_graceful_shutdown=3, timeout_keep_alive=30,
-                                           http=header_timeout_protocol(args.header_timeout)))
+    server = uvicorn_server(app, args.log_level, args.header_timeout)
     exit_code = 0
 
     async def watchdog() -> None:
         nonlocal exit_code
-        while not server.started and not server.should_exit:
-            await asyncio.sleep(0.02)
-        if server.started:
-            host, port = sock.getsockname()[:2]
-            shown = f"[{host}]" if ":" in host else host
-            print(f"radixflow server ready on http://{shown}:{port}", flush=True)
+        await announce_ready(server, sock, "radixflow server ready on")
         while not server.should_exit:
             if signals:
                 server.should_exit = True
@@ -158,6 +151,31 @@ async def _serve(args: ServerArgs, model_path: str, tokenizer, addrs: IpcAddress
         task.cancel()
         await tm.shutdown()
     return exit_code
+
+
+def uvicorn_server(app: Any, log_level: str, header_timeout: float) -> uvicorn.Server:
+    """The uvicorn server of an HTTP process (a server's or the router's): no access log and no
+    lifespan events, 3 s of graceful shutdown, 30 s keep-alive, `header_timeout` for request
+    headers; uvicorn's own loggers at `log_level` but never below WARNING (per-request noise)."""
+    import uvicorn
+
+    for lg in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(lg).setLevel(max(logging.WARNING, logging.getLevelName(log_level.upper())))
+    return uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
+                                         timeout_graceful_shutdown=3, timeout_keep_alive=30,
+                                         http=header_timeout_protocol(header_timeout)))
+
+
+async def announce_ready(server: uvicorn.Server, sock: socket.socket, prefix: str) -> bool:
+    """Wait until `server` listens on `sock` (or is told to exit first); then print the ready
+    line `{prefix} http://HOST:PORT` to stdout, which launchers wait for. Whether it started."""
+    while not server.started and not server.should_exit:
+        await asyncio.sleep(0.02)
+    if server.started:
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host  # an IPv6 literal in a URL
+        print(f"{prefix} http://{shown}:{port}", flush=True)
+    return server.started
 
 
 def header_timeout_protocol(timeout: float) -> type:

@@ -7,18 +7,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from radixflow.runtime.server.tokenizer_manager import APIError, Submission, TokenizerManager, bad_request
 from radixflow.runtime.validation import check_json_nesting, check_strings
 
+_STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                 405: "invalid_request_error", 413: "invalid_request_error", 503: "server_error"}
 _LOGPROB_FLOOR = -9999.0  # JSON has no -inf (a grammar-masked token's logprob)
 _PREFLIGHT_S = 10.0  # longest wait for a stream's first result before its headers are sent
+
+
+def add_error_handlers(app: FastAPI, log: logging.Logger) -> None:
+    """Answer every failure of `app` with `error_response`: an APIError as it is (a 5xx logged as
+    a warning on `log`), and Starlette's own (an unknown path, a wrong method) in the same shape."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        if exc.status >= 500:
+            log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        msg = f"{request.method} {request.url.path}: {exc.detail}"
+        return error_response(APIError(exc.status_code, msg, _STATUS_TYPES.get(exc.status_code, "error"), code))
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -47,8 +68,9 @@ def finite(x: Any) -> Any:
     return x
 
 
-async def read_json(request: Request, max_bytes: int) -> Any:
-    """The request body parsed as JSON. Raises APIError 413 past `max_bytes`, 400 if not JSON."""
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The raw request body. Raises APIError 413 past `max_bytes`: at once when Content-Length
+    says so, else as soon as the streamed body passes it (chunked uploads)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise APIError(413, f"request body larger than {max_bytes} bytes", code="request_too_large")
@@ -58,7 +80,12 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         if size > max_bytes:
             raise APIError(413, f"request body larger than {max_bytes} bytes", code="request_too_large")
         chunks.append(chunk)
-    raw = b"".join(chunks)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """The request body parsed as JSON. Raises APIError 413 past `max_bytes`, 400 if not JSON."""
+    raw = await read_body(request, max_bytes)
     try:
         check_json_nesting(raw)  # before json.loads, which recurses once per level
         body = json.loads(raw)

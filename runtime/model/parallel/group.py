@@ -16,12 +16,10 @@ is the rendezvous and carries start-up errors.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import logging
 import os
 import pickle
-import signal
 import socket
 import subprocess
 import sys
@@ -37,8 +35,6 @@ import torch.distributed as dist
 from radixflow.runtime.config import EngineConfig
 
 logger = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -235,15 +231,6 @@ def stop_processes(procs: list[subprocess.Popen], timeout: float) -> None:
             logger.warning("tensor-parallel worker %d did not exit: killing it", p.pid)
             p.kill()
             p.wait(5)
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """In a worker: be killed when the parent dies; exit now if it already has."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:
-        os._exit(1)
 
 
 def run_node(config: EngineConfig, model_path: str) -> int:

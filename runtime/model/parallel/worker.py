@@ -9,8 +9,9 @@ import os
 import pickle
 import sys
 
+from radixflow.runtime.child_process import die_with_parent
 from radixflow.runtime.model.parallel import protocol
-from radixflow.runtime.model.parallel.group import WorkerArgs, die_with_parent, init_group
+from radixflow.runtime.model.parallel.group import WorkerArgs, init_group
 
 logger = logging.getLogger("radixflow.tp_worker")
 
