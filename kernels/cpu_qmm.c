@@ -244,135 +244,143 @@ static inline __attribute__((always_inline)) void int_group(const qm_args *a, in
     for (int i = 0; i < R; i++) _mm512_storeu_ps(out + i * NR, acc[i]);
 }
 #elif defined(__AVX2__)
-#define IR 2
-/* u8 * s8 products summed in pairs to int16 (pmaddubsw). Kind 4 and 6 weights are unsigned and
- * small: a pair is at most 2 * 15 * 128 (kind 4) or 2 * 63 * 128 (kind 6), so 8 (kind 4) or 2 (kind
- * 6) pair sums add up in int16 before one pmaddwd widens them to int32 (`per` below). Kind 8 ones
- * are signed and go through the sign trick (|x| * sign(w, x); |x| <= 128 read unsigned), whose
- * pairs reach 2 * 127 * 128 (pack's range): widened at once. */
-static inline __m256i pairs4(__m256i w, __m256i x, int is_signed) {
-    if (is_signed) return _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x));
-    return _mm256_maddubs_epi16(w, x);
-}
-/* Rows 8 half .. 8 half + 7 of one tile as unsigned bytes (kind 4 q, kind 6 q + 32) or, kind 8,
- * signed ones (vector j: weights 4j .. 4j + 3). */
-static inline __attribute__((always_inline)) void load_tile256(int kind, const uint8_t *tile, int half,
-                                                               __m256i w[8]) {
-    const __m256i lo4 = _mm256_set1_epi8(0x0F), hi2 = _mm256_set1_epi8(0x30);
-    if (kind == 8) {
-        for (int j = 0; j < 8; j++) w[j] = _mm256_loadu_si256((const __m256i *)(tile + 64 * j + 32 * half));
-        return;
+#define IR 4
+/* Kinds 4 and 8, rows r .. r + R - 1 of x against one group: for each half of the group's rows
+ * (8 rows, one 256-bit vector), each weight vector is expanded once and used by all R rows (j
+ * outer, rows inner), so the R rows' accumulators stay in registers.
+ *   kind 4: u8 weights (at most 15) times the s8 activation bytes h and l (pmaddubsw pairs, at
+ *           most 2 * 15 * 128): the 8 vectors of a block add up in int16 (at most 30720) before
+ *           one pmaddwd widens them;
+ *   kind 8: the 16-bit activations whole against sign-extended weights (pmaddwd, 4 rows per
+ *           vector; |w q| sums stay far below 2^31), no sign trick. */
+static inline __attribute__((always_inline)) void int_group48(const qm_args *a, int64_t g, int64_t r, const int R,
+                                                              float *out) {
+    const int kind = a->kind;
+    const int64_t nb = a->nb, tb = qt_tile_bytes(kind), K = a->K;
+    const uint8_t *tiles = a->qs + g * nb * tb;
+    const uint16_t *dg = a->d + g * nb * NR, *mg = a->m ? a->m + g * nb * NR : NULL;
+    const __m256i lo4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    for (int half = 0; half < 2; half++) { /* rows 8 half .. 8 half + 7 */
+        __m256 acc[IR];
+        for (int i = 0; i < R; i++) acc[i] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *t = tiles + b * tb + 32 * half;
+            __m256i s[IR], u[IR]; /* kind 4: int16 pair sums of h (s) and l (u); kind 8: int32 rows 0-3, 4-7 */
+            for (int i = 0; i < R; i++) s[i] = u[i] = _mm256_setzero_si256();
+            for (int j = 0; j < 8; j++) {
+                if (kind == 4) {
+                    __m256i raw = _mm256_loadu_si256((const __m256i *)(t + 64 * (j & 3)));
+                    __m256i w = j < 4 ? _mm256_and_si256(raw, lo4) : _mm256_and_si256(_mm256_srli_epi16(raw, 4), lo4);
+                    for (int i = 0; i < R; i++) {
+                        int32_t hj, lj;
+                        memcpy(&hj, a->xh + (r + i) * K + b * QK + 4 * j, 4);
+                        memcpy(&lj, a->xl + (r + i) * K + b * QK + 4 * j, 4);
+                        s[i] = _mm256_add_epi16(s[i], _mm256_maddubs_epi16(w, _mm256_set1_epi32(hj)));
+                        u[i] = _mm256_add_epi16(u[i], _mm256_maddubs_epi16(w, _mm256_set1_epi32(lj)));
+                    }
+                } else {
+                    __m256i w03 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(t + 64 * j)));
+                    __m256i w47 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(t + 64 * j + 16)));
+                    for (int i = 0; i < R; i++) {
+                        int64_t qj;
+                        memcpy(&qj, a->xq + (r + i) * K + b * QK + 4 * j, 8);
+                        __m256i xv = _mm256_set1_epi64x(qj); /* q[4j .. 4j + 3] in every row's 4 int16 */
+                        s[i] = _mm256_add_epi32(s[i], _mm256_madd_epi16(w03, xv));
+                        u[i] = _mm256_add_epi32(u[i], _mm256_madd_epi16(w47, xv));
+                    }
+                }
+            }
+            __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dg + b * NR + 8 * half)));
+            __m256 mv = mg ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mg + b * NR + 8 * half)))
+                           : _mm256_setzero_ps();
+            for (int i = 0; i < R; i++) {
+                __m256i d32;
+                if (kind == 4) {
+                    d32 = _mm256_add_epi32(_mm256_slli_epi32(_mm256_madd_epi16(s[i], ones), 8),
+                                           _mm256_madd_epi16(u[i], ones));
+                } else { /* two pair sums per row: hadd gives rows 0 1 4 5 | 2 3 6 7 */
+                    d32 = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(s[i], u[i]),
+                                                      _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
+                }
+                float dx = a->xd[(r + i) * nb + b], xs = a->xs[(r + i) * nb + b];
+                acc[i] = _mm256_fmadd_ps(dv, _mm256_mul_ps(_mm256_cvtepi32_ps(d32), _mm256_set1_ps(dx)), acc[i]);
+                if (mg) acc[i] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs), acc[i]);
+            }
+        }
+        for (int i = 0; i < R; i++) _mm256_storeu_ps(out + i * NR + 8 * half, acc[i]);
     }
+}
+
+/* Kind 6: rows 8 half .. 8 half + 7 of one tile as u8 q + 32 (vector j: weights 4j .. 4j + 3):
+ * the nibbles, then the high 2 bits to bits 4-5 of each byte (cpu_qmm.c's layout). */
+static inline __attribute__((always_inline)) void load_tile6_256(const uint8_t *tile, int half, __m256i w[8]) {
+    const __m256i lo4 = _mm256_set1_epi8(0x0F), hi2 = _mm256_set1_epi8(0x30);
     for (int v = 0; v < 4; v++) {
         __m256i raw = _mm256_loadu_si256((const __m256i *)(tile + 64 * v + 32 * half));
         w[v] = _mm256_and_si256(raw, lo4);
         w[v + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), lo4);
     }
-    if (kind == 6) { /* the high 2 bits to bits 4-5 of each byte (cpu_qmm.c's layout) */
-        for (int u = 0; u < 2; u++) {
-            __m256i hv = _mm256_loadu_si256((const __m256i *)(tile + 256 + 64 * u + 32 * half));
-            w[u] = _mm256_or_si256(w[u], _mm256_and_si256(_mm256_slli_epi16(hv, 4), hi2));
-            w[u + 4] = _mm256_or_si256(w[u + 4], _mm256_and_si256(_mm256_slli_epi16(hv, 2), hi2));
-            w[u + 2] = _mm256_or_si256(w[u + 2], _mm256_and_si256(hv, hi2));
-            w[u + 6] = _mm256_or_si256(w[u + 6], _mm256_and_si256(_mm256_srli_epi16(hv, 2), hi2));
-        }
+    for (int u = 0; u < 2; u++) {
+        __m256i hv = _mm256_loadu_si256((const __m256i *)(tile + 256 + 64 * u + 32 * half));
+        w[u] = _mm256_or_si256(w[u], _mm256_and_si256(_mm256_slli_epi16(hv, 4), hi2));
+        w[u + 4] = _mm256_or_si256(w[u + 4], _mm256_and_si256(_mm256_slli_epi16(hv, 2), hi2));
+        w[u + 2] = _mm256_or_si256(w[u + 2], _mm256_and_si256(hv, hi2));
+        w[u + 6] = _mm256_or_si256(w[u + 6], _mm256_and_si256(_mm256_srli_epi16(hv, 2), hi2));
     }
 }
 
-/* Integer dot products of 8 rows' weights j0 .. j0 + n - 1 with activations 256 h + l; `per`
- * pair sums are added in int16 before each widening (1 for kind 8, 2 for kind 6, 8 for kind 4). */
-static inline __attribute__((always_inline)) __m256 dot256(const __m256i w[8], int j0, int n, const int8_t *h,
-                                                           const int8_t *l, int sgn, int per) {
+/* Kind 6: integer dot products of 8 rows' weights j0 .. j0 + 3 with activations 256 h + l; u8
+ * weights of at most 63 times s8 bytes: two pmaddubsw pair sums (at most 2 * 63 * 128 each) add
+ * up in int16 before each pmaddwd. */
+static inline __attribute__((always_inline)) __m256 dot6_256(const __m256i w[8], int j0, const int8_t *h,
+                                                             const int8_t *l) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i sh = _mm256_setzero_si256(), sl = _mm256_setzero_si256();
-    __m256i ph = _mm256_setzero_si256(), pl = _mm256_setzero_si256();
-    for (int j = j0; j < j0 + n; j++) {
-        int32_t hj, lj;
-        memcpy(&hj, h + 4 * j, 4);
-        memcpy(&lj, l + 4 * j, 4);
-        ph = _mm256_add_epi16(ph, pairs4(w[j], _mm256_set1_epi32(hj), sgn));
-        pl = _mm256_add_epi16(pl, pairs4(w[j], _mm256_set1_epi32(lj), sgn));
-        if ((j - j0 + 1) % per == 0 || j == j0 + n - 1) {
-            sh = _mm256_add_epi32(sh, _mm256_madd_epi16(ph, ones));
-            sl = _mm256_add_epi32(sl, _mm256_madd_epi16(pl, ones));
-            ph = pl = _mm256_setzero_si256();
-        }
+    for (int j = j0; j < j0 + 4; j += 2) {
+        int32_t h0, h1, l0, l1;
+        memcpy(&h0, h + 4 * j, 4);
+        memcpy(&h1, h + 4 * j + 4, 4);
+        memcpy(&l0, l + 4 * j, 4);
+        memcpy(&l1, l + 4 * j + 4, 4);
+        __m256i ph = _mm256_add_epi16(_mm256_maddubs_epi16(w[j], _mm256_set1_epi32(h0)),
+                                      _mm256_maddubs_epi16(w[j + 1], _mm256_set1_epi32(h1)));
+        __m256i pl = _mm256_add_epi16(_mm256_maddubs_epi16(w[j], _mm256_set1_epi32(l0)),
+                                      _mm256_maddubs_epi16(w[j + 1], _mm256_set1_epi32(l1)));
+        sh = _mm256_add_epi32(sh, _mm256_madd_epi16(ph, ones));
+        sl = _mm256_add_epi32(sl, _mm256_madd_epi16(pl, ones));
     }
     return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(sh, 8), sl));
 }
 
-/* Kind 8: the integer dot products of 8 rows (tile bytes `t`: vector j's rows 8 half ..) with
- * 32 activations q, as int16 x int16 pairs (pmaddwd; |w q| sums stay far below 2^31): about half
- * the instructions of the pmaddubsw sign trick on h and l. */
-static inline __attribute__((always_inline)) __m256 dot8_256(const uint8_t *t, const int16_t *q) {
-    __m256i s03 = _mm256_setzero_si256(), s47 = _mm256_setzero_si256();
-    for (int j = 0; j < 8; j++) {
-        int64_t qj;
-        memcpy(&qj, q + 4 * j, 8);
-        __m256i xv = _mm256_set1_epi64x(qj);  /* q[4j .. 4j + 3] in every row's 4 int16 */
-        __m256i w03 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(t + 64 * j)));       /* rows 0-3 */
-        __m256i w47 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(t + 64 * j + 16)));  /* rows 4-7 */
-        s03 = _mm256_add_epi32(s03, _mm256_madd_epi16(w03, xv));
-        s47 = _mm256_add_epi32(s47, _mm256_madd_epi16(w47, xv));
-    }
-    /* two pair sums per row: hadd gives rows 0 1 4 5 | 2 3 6 7 */
-    __m256i s = _mm256_hadd_epi32(s03, s47);
-    return _mm256_cvtepi32_ps(_mm256_permutevar8x32_epi32(s, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7)));
-}
-
-static inline __attribute__((always_inline)) void int_group(const qm_args *a, int64_t g, int64_t r, const int R,
-                                                            float *out) {
+/* Kind 6: a scale and min per half of the block (k): weights 16 k .. 16 k + 15. */
+static inline __attribute__((always_inline)) void int_group6(const qm_args *a, int64_t g, int64_t r, const int R,
+                                                             float *out) {
     __m256 acc[IR][2];
     for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-    const int kind = a->kind;
-    const int64_t nb = a->nb, tb = qt_tile_bytes(kind), spt = qt_scales_per_tile(kind);
+    const int64_t nb = a->nb, tb = qt_tile_bytes(6);
     const uint8_t *tile = a->qs + g * nb * tb;
-    const uint16_t *dg = a->d + g * nb * spt, *mg = a->m ? a->m + g * nb * spt : NULL;
-    const int sgn = kind == 8;
+    const uint16_t *dg = a->d + g * nb * 32, *mg = a->m ? a->m + g * nb * 32 : NULL;
     for (int64_t b = 0; b < nb; b++, tile += tb) {
         for (int half = 0; half < 2; half++) { /* rows 8 half .. 8 half + 7 */
-            const uint16_t *ds = dg + b * spt + 8 * half, *ms = mg ? mg + b * spt + 8 * half : NULL;
-            if (kind == 8) { /* 16-bit activations whole against sign-extended weights: pmaddwd */
-                __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)ds));
-                __m256 mv = ms ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)ms)) : _mm256_setzero_ps();
-                for (int i = 0; i < R; i++) {
-                    __m256 dot = dot8_256(tile + 32 * half, a->xq + (r + i) * a->K + b * QK);
-                    float dx = a->xd[(r + i) * nb + b], xs = a->xs[(r + i) * nb + b];
-                    acc[i][half] = _mm256_fmadd_ps(dv, _mm256_mul_ps(dot, _mm256_set1_ps(dx)), acc[i][half]);
-                    if (ms) acc[i][half] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs), acc[i][half]);
-                }
-                continue;
-            }
+            const uint16_t *ds = dg + b * 32 + 8 * half, *ms = mg ? mg + b * 32 + 8 * half : NULL;
             __m256i w[8];
-            load_tile256(kind, tile, half, w);
-            if (kind == 6) { /* a scale and min per half of the block (k): weights 16 k .. 16 k + 15 */
-                __m256 dv0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)ds));
-                __m256 dv1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ds + 16)));
-                for (int i = 0; i < R; i++) {
-                    const int8_t *h = a->xh + (r + i) * a->K + b * QK, *l = a->xl + (r + i) * a->K + b * QK;
-                    __m256 dx = _mm256_set1_ps(a->xd[(r + i) * nb + b]);
-                    float xs0 = a->xs2[2 * ((r + i) * nb + b)], xs1 = a->xs2[2 * ((r + i) * nb + b) + 1];
-                    /* the weights were stored as q + 32: take 32 sum(qx) of each half back out */
-                    __m256 t0 = _mm256_fmadd_ps(dot256(w, 0, 4, h, l, 0, 2), dx, _mm256_set1_ps(-32.f * xs0));
-                    __m256 t1 = _mm256_fmadd_ps(dot256(w, 4, 4, h, l, 0, 2), dx, _mm256_set1_ps(-32.f * xs1));
-                    acc[i][half] = _mm256_fmadd_ps(dv1, t1, _mm256_fmadd_ps(dv0, t0, acc[i][half]));
-                    if (ms) {
-                        __m256 mv0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)ms));
-                        __m256 mv1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ms + 16)));
-                        acc[i][half] = _mm256_fmadd_ps(mv1, _mm256_set1_ps(xs1),
-                                                       _mm256_fmadd_ps(mv0, _mm256_set1_ps(xs0), acc[i][half]));
-                    }
-                }
-                continue;
-            }
-            __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)ds));
-            __m256 mv = ms ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)ms)) : _mm256_setzero_ps();
+            load_tile6_256(tile, half, w);
+            __m256 dv0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)ds));
+            __m256 dv1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ds + 16)));
             for (int i = 0; i < R; i++) {
                 const int8_t *h = a->xh + (r + i) * a->K + b * QK, *l = a->xl + (r + i) * a->K + b * QK;
-                __m256 dot = dot256(w, 0, 8, h, l, sgn, kind == 4 ? 8 : 1);
-                float dx = a->xd[(r + i) * nb + b], xs = a->xs[(r + i) * nb + b];
-                acc[i][half] = _mm256_fmadd_ps(dv, _mm256_mul_ps(dot, _mm256_set1_ps(dx)), acc[i][half]);
-                if (ms) acc[i][half] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs), acc[i][half]);
+                __m256 dx = _mm256_set1_ps(a->xd[(r + i) * nb + b]);
+                float xs0 = a->xs2[2 * ((r + i) * nb + b)], xs1 = a->xs2[2 * ((r + i) * nb + b) + 1];
+                /* the weights were stored as q + 32: take 32 sum(qx) of each half back out */
+                __m256 t0 = _mm256_fmadd_ps(dot6_256(w, 0, h, l), dx, _mm256_set1_ps(-32.f * xs0));
+                __m256 t1 = _mm256_fmadd_ps(dot6_256(w, 4, h, l), dx, _mm256_set1_ps(-32.f * xs1));
+                acc[i][half] = _mm256_fmadd_ps(dv1, t1, _mm256_fmadd_ps(dv0, t0, acc[i][half]));
+                if (ms) {
+                    __m256 mv0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)ms));
+                    __m256 mv1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ms + 16)));
+                    acc[i][half] = _mm256_fmadd_ps(mv1, _mm256_set1_ps(xs1),
+                                                   _mm256_fmadd_ps(mv0, _mm256_set1_ps(xs0), acc[i][half]));
+                }
             }
         }
     }
@@ -380,6 +388,12 @@ static inline __attribute__((always_inline)) void int_group(const qm_args *a, in
         _mm256_storeu_ps(out + i * NR, acc[i][0]);
         _mm256_storeu_ps(out + i * NR + 8, acc[i][1]);
     }
+}
+
+static inline __attribute__((always_inline)) void int_group(const qm_args *a, int64_t g, int64_t r, const int R,
+                                                            float *out) {
+    if (a->kind == 6) int_group6(a, g, r, R, out);
+    else int_group48(a, g, r, R, out);
 }
 #else
 #define IR 4
