@@ -266,11 +266,24 @@ def test_fused_step_after_a_radix_cache_hit(qengine, monkeypatch):
     _same(outs[0], outs[1], 1e-3)
 
 
-def test_fused_step_not_taken_when_a_condition_fails(qengine, monkeypatch):
+def test_many_rows_take_the_fused_step_unless_they_share_a_prefix(qengine, monkeypatch):
+    """From MAX_ROWS rows on (2 here), unrelated requests still take the step, bitwise the Python
+    path's; requests sharing a cached prefix keep the Python path, whose cascade reads it once."""
     monkeypatch.setattr(fused_decode, "MAX_ROWS", 2)  # 2 rows are no longer "few"
-    _, steps = _run(qengine, monkeypatch, True, PROMPTS[:2], 4)
-    assert steps == 0
-    monkeypatch.undo()
+    ref, _ = _run(qengine, monkeypatch, False, PROMPTS, 4)
+    got, steps = _run(qengine, monkeypatch, True, PROMPTS, 4)
+    assert steps >= 3
+    _same(ref, got, 0)
+    qengine.generate(SHARED, {"temperature": 0, "max_new_tokens": 1})  # cache the prefix
+    fd = qengine.scheduler.runner.model._fused_decode
+    before = fd.steps
+    res = qengine.generate([SHARED + " And then", SHARED + " Finally,"],
+                           {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True})
+    assert all(r["meta_info"]["cached_tokens"] > 100 for r in res)
+    assert fd.steps == before
+
+
+def test_fused_step_not_taken_when_a_condition_fails(qengine, monkeypatch):
     model = qengine.scheduler.runner.model
     backend = qengine.scheduler.runner.attn_backend
     assert fused_decode.state(model, backend).step is not None

@@ -6,8 +6,9 @@ all decoder layers in one C call on the same kernels, bitwise the Python path's 
 path attends with the in-place C kernel (a cascade over a shared prefix rounds differently). It
 applies when:
   - RADIXFLOW_FUSED_DECODE is not "0" (read at every step: benchmarks compare both in one run);
-  - the batch is DECODE with 1 <= rows < MAX_ROWS, its activations fp32 on the CPU (bigger
-    batches keep the Python path, whose attention reads a shared prefix once: the cascade);
+  - the batch is DECODE, its activations fp32 on the CPU, with fewer than MAX_ROWS rows or rows
+    that share no prefix (no two start at the same KV slot): bigger batches that do share one keep
+    the Python path, whose attention reads a shared prefix once (the cascade);
   - every linear of every layer is quantized (`_qw`) and not tensor-parallel (no `tp`), the model
     runs neither the Triton kernels nor fused rope;
   - the attention backend is the torch one reading K/V in place with the C kernel (a pool of any
@@ -30,7 +31,7 @@ from radixflow.runtime.model.attention.torch_backend import TorchAttnBackend
 from radixflow.runtime.model.forward_batch import ForwardBatch, ForwardMode
 
 ENV = "RADIXFLOW_FUSED_DECODE"
-MAX_ROWS = 8  # decode batches below this many rows take the fused step
+MAX_ROWS = 8  # decode batches below this many rows take the fused step even when they share a prefix
 
 
 class FusedDecode:
@@ -73,10 +74,10 @@ def run_layers(model: torch.nn.Module, batch: ForwardBatch, backend: AttentionBa
     if batch.mode is not ForwardMode.DECODE or not enabled():
         return None
     M = x.shape[0]
-    if not 0 < M < MAX_ROWS or x.dtype != torch.float32 or x.device.type != "cpu":
+    if M == 0 or x.dtype != torch.float32 or x.device.type != "cpu":
         return None
     fd = state(model, backend)
-    if fd.step is None:
+    if fd.step is None or (M >= MAX_ROWS and _share_a_prefix(batch, backend)):
         return None
     threads = torch.get_num_threads()
     r2t = backend.req_to_token_pool.req_to_token
@@ -84,6 +85,13 @@ def run_layers(model: torch.nn.Module, batch: ForwardBatch, backend: AttentionBa
                            threads, backend.kernel_threads or threads, cpu_quant.INT_MAX_M)
     fd.steps += 1
     return x, residual
+
+
+def _share_a_prefix(batch: ForwardBatch, backend: AttentionBackend) -> bool:
+    """Whether two of the batch's requests start at the same KV slot: the radix cache gave them a
+    shared prefix (the cascade's cheap test too: unrelated prompts never share a first slot)."""
+    firsts = backend.req_to_token_pool.req_to_token[batch.req_pool_indices, 0].tolist()
+    return len(set(firsts)) < len(firsts)
 
 
 def _unfit(model: torch.nn.Module, backend: AttentionBackend) -> str | None:
