@@ -425,25 +425,39 @@ static void int_group(const qm_args *a, int64_t g, int64_t r, const int R, float
 }
 #endif
 
+/* Rows of x per block of the int path's loop: their quantized activations (3 bytes a value, 64
+ * rows of K = 1536: 288 KB) stay in L2 while every group of W streams past them, instead of
+ * every group streaming all M rows from L3 (prefill). */
+#define RB 64
+
 static void int_part(void *p, int t, int T) {
     const qm_args *a = p;
     int64_t G = (a->N + NR - 1) / NR;
     float out[IR * NR];
-    for (int64_t g = G * t / T; g < G * (t + 1) / T; g++) {
-        int nv = a->N - g * NR < NR ? (int)(a->N - g * NR) : NR;
-        for (int64_t r = 0; r < a->M; r += IR) {
-            int R = a->M - r < IR ? (int)(a->M - r) : IR;
-            switch (R) { /* constant R: the loops unroll and the accumulators stay in registers */
-                case 1: int_group(a, g, r, 1, out); break;
+    /* many rows: each thread takes a share of the row blocks and every group; few: a share of
+     * the groups and every row */
+    const int by_rows = a->M >= (int64_t)RB * T;
+    int64_t nrb = (a->M + RB - 1) / RB;
+    int64_t b0 = by_rows ? nrb * t / T : 0, b1 = by_rows ? nrb * (t + 1) / T : nrb;
+    int64_t g0 = by_rows ? 0 : G * t / T, g1 = by_rows ? G : G * (t + 1) / T;
+    for (int64_t r0 = b0 * RB; r0 < b1 * RB && r0 < a->M; r0 += RB) {
+        int64_t r1 = a->M - r0 < RB ? a->M : r0 + RB;
+        for (int64_t g = g0; g < g1; g++) {
+            int nv = a->N - g * NR < NR ? (int)(a->N - g * NR) : NR;
+            for (int64_t r = r0; r < r1; r += IR) {
+                int R = r1 - r < IR ? (int)(r1 - r) : IR;
+                switch (R) { /* constant R: the loops unroll and the accumulators stay in registers */
+                    case 1: int_group(a, g, r, 1, out); break;
 #if IR > 2
-                case 2: int_group(a, g, r, 2, out); break;
-                case 3: int_group(a, g, r, 3, out); break;
+                    case 2: int_group(a, g, r, 2, out); break;
+                    case 3: int_group(a, g, r, 3, out); break;
 #endif
-                default: int_group(a, g, r, IR, out); break;
-            }
-            for (int i = 0; i < R; i++) {
-                float *dst = a->y + (r + i) * a->ldy + g * NR;
-                for (int n = 0; n < nv; n++) dst[n] = out[i * NR + n] + (a->bias ? a->bias[g * NR + n] : 0.f);
+                    default: int_group(a, g, r, IR, out); break;
+                }
+                for (int i = 0; i < R; i++) {
+                    float *dst = a->y + (r + i) * a->ldy + g * NR;
+                    for (int n = 0; n < nv; n++) dst[n] = out[i * NR + n] + (a->bias ? a->bias[g * NR + n] : 0.f);
+                }
             }
         }
     }

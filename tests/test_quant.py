@@ -47,7 +47,7 @@ def _weight(kind: int, N: int, K: int, seed: int, mins: bool) -> cq.QuantBlocks:
 
 
 @pytest.mark.parametrize("kind", [4, 6, 8])
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7, 17, 40])  # 17 and more: quantized on the pool's threads
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7, 17, 40, 200])  # 17+: quantized by the pool; 200: rows split
 @pytest.mark.parametrize("K", [32, 96, 128])
 def test_integer_path_matches_reference(level, kind, M, K):
     """The default path: activations quantized per block, exact integer dot products (to fp32
