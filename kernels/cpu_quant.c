@@ -7,6 +7,7 @@
  * ISA levels: 0 portable C, 1 AVX2 + FMA + F16C (maddubs dot products), 2 AVX-512 F/BW/VL/DQ + VNNI
  * (dpbusd dot products, 512-bit fp32 tiles).
  */
+#include <limits.h>
 #include <stdint.h>
 
 #include "cpu_qtile.h"
@@ -60,6 +61,9 @@ int qm_linear(int kind, const float *x, int64_t ldx, int64_t M, const uint8_t *q
               const uint16_t *m, const float *bias, int64_t N, int64_t K, float *y, int64_t ldy, int int_max_m,
               int threads) {
     if (level < 0) qm_set_level(-1);
+    /* int_max_m < 0: the level's crossover between the integer and the fp32 panel path (one
+     * pmaddubsw multiplies half of a 16-bit activation; one vpdpbusd four bytes) */
+    if (int_max_m < 0) int_max_m = level == 2 ? INT_MAX : 128;
     qm_fn fn = qm_linear_portable;
 #ifdef QM_HAVE_AVX2
     if (level == 1) fn = qm_linear_avx2;

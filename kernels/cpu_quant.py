@@ -1,13 +1,13 @@
-"""Quantized CPU matmuls and embeddings on weights kept in 4- or 8-bit blocks of 32 (C kernels).
+"""Quantized CPU matmuls and embeddings on weights kept in 4-, 6- or 8-bit blocks of 32 (C kernels).
 
   QuantWeight                     an (N, K) weight as packed quants + per-block fp16 scales d, mins m
   pack(kind, q, d, m)             build one from per-element quants (GGUF blocks, see loading/gguf_quant.py)
   quantize(w, "int8" | "int4")    weight-only quantization of an fp32/bf16/fp16 weight, per group of 32
   dequantize(qw) -> (N, K) fp32   the exact values the kernels multiply by (PyTorch)
   linear(x, qw, bias) -> x @ W^T  the quantized matmul (cpu_qmm.c): integer block dot products on
-                                  16-bit-quantized activations (M < INT_MAX_M rows: always, by
-                                  default), else an fp32 tile on panels of W dequantized on the fly
-                                  (no fp32 copy kept)
+                                  16-bit-quantized activations (M < INT_MAX_M rows: by default
+                                  always on AVX-512 VNNI, below 128 on AVX2), else an fp32 tile on
+                                  panels of W dequantized on the fly (no fp32 copy kept)
   embedding(qw, ids) -> rows      rows of W dequantized on lookup
 
 Value of element (n, k), block b = k // 32: d[n, b] * q[n, k] + m[n, b] with fp16 d and m; kind 4
@@ -45,11 +45,13 @@ from radixflow.paths import cache_dir
 logger = logging.getLogger(__name__)
 
 QK = 32  # weights per block
-# Rows below this use the integer path, from this many on the fp32 panel path. Every row count
-# takes the integer path: single-threaded it costs 1.2-3.4x less CPU time than the panel path at
-# every M from 1 to 1,024 (AVX-512 VNNI), and a 512-token prefill runs 1.15-1.25x faster. The panel
-# path stays for int_max_m=0: exact fp32 arithmetic on W's values.
-INT_MAX_M = 1 << 30
+# Rows below this use the integer path, from this many on the fp32 panel path; -1: the level's
+# own crossover (cpu_quant.c): always the integer path on AVX-512 VNNI (single-threaded it costs
+# 1.2-3.4x less CPU time than the panel path at every M from 1 to 1,024), from 128 rows on the
+# panel path on AVX2 and portable C (2 threads on an AMD AVX2 VM, M = 256: 68-72 GMAC/s on panels,
+# 52-61 on integers; pmaddubsw multiplies 16-bit activations in two halves). int_max_m=0 keeps
+# exact fp32 arithmetic on W's values at every M.
+INT_MAX_M = -1
 LEVELS = ("portable", "avx2", "avx512")
 _DIR = Path(__file__).parent
 _QMM, _DISPATCH, _HEADER = _DIR / "cpu_qmm.c", _DIR / "cpu_quant.c", _DIR / "cpu_qtile.h"
@@ -298,8 +300,8 @@ def linear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None,
            int_max_m: int | None = None) -> torch.Tensor:
     """x (..., K) fp32 CPU @ W^T (+ bias (N,)) -> a new (..., N) fp32 tensor: with int16-quantized
     activations (the integer path) when x has fewer than `int_max_m` rows (default INT_MAX_M, read
-    at each call), else exact fp32 on W's values. Rows of x may be strided if each is contiguous.
-    Raises ValueError on mismatched shapes or dtypes."""
+    at each call; -1: the instruction set's crossover), else exact fp32 on W's values. Rows of x
+    may be strided if each is contiguous. Raises ValueError on mismatched shapes or dtypes."""
     lib = _need()
     int_max_m = INT_MAX_M if int_max_m is None else int_max_m
     N, K = qw.shape

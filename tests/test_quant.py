@@ -56,7 +56,7 @@ def test_integer_path_matches_reference(level, kind, M, K):
     qw = blocks.pack()
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
     bias = torch.randn(37)
-    got = cq.linear(x, qw, bias)
+    got = cq.linear(x, qw, bias, int_max_m=1 << 30)
     kept = cq.blocks_of(qw)  # the scales and mins as packed (fp16)
     assert torch.equal(kept.q, blocks.q)
     want = qlinear_ref(x, kept.q, kept.d, kept.m) + bias
@@ -74,6 +74,16 @@ def test_fp32_path_equals_dequantized_matmul(level, kind, M):
     qw = blocks.pack()
     x = torch.randn(M, 96)
     torch.testing.assert_close(cq.linear(x, qw, int_max_m=0), F.linear(x, cq.dequantize(qw)), rtol=1e-5, atol=1e-4)
+
+
+def test_default_crossover_of_each_level(level):
+    """INT_MAX_M = -1: the integer path at every M on AVX-512 VNNI, below 128 rows elsewhere (on
+    AVX2 the fp32 panels are faster from there on)."""
+    qw = _weight(4, 37, 64, seed=9, mins=True).pack()
+    x = torch.randn(130, 64)
+    ints, panels = cq.linear(x, qw, int_max_m=1 << 30), cq.linear(x, qw, int_max_m=0)
+    assert torch.equal(cq.linear(x, qw), ints if level == "avx512" else panels)
+    assert torch.equal(cq.linear(x[:127], qw), ints[:127])
 
 
 def test_levels_agree_and_strided_rows_are_read_in_place():
